@@ -29,3 +29,28 @@ def face_photos(assets_dir) -> list:
     if not photos:
         pytest.skip(f"no face photos under {assets_dir / 'testdata' / 'faces'}")
     return photos
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict:
+    """Tiny random HyperStyle / W-encoder / e4e / generator files in the released formats (128 px)."""
+    from hyperstyle_nodes.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpts"), size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpts):
+    from hyperstyle_nodes import load_hyperstyle
+
+    return load_hyperstyle(tiny_ckpts["hyperstyle"], w_encoder=tiny_ckpts["w_encoder"])
+
+
+@pytest.fixture(scope="session")
+def face_batch():
+    """Two smooth random 'images' in [0, 1] at 256x256 (content does not matter for engine tests)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    low = torch.rand(2, 3, 16, 16, generator=g)
+    return torch.nn.functional.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)

@@ -1,0 +1,338 @@
+"""Reading checkpoint files: what a file is, its options, and the architecture its weights imply.
+
+This is the one place that knows the released file layouts:
+    hyperstyle_ffhq.pt      {'state_dict': {'hypernet.*', 'decoder.*'}, 'opts': {...}, 'latent_avg': [n_styles, 512]}
+    faces_w_encoder.pt      {'state_dict': {'encoder.*', 'decoder.*'}, 'opts': {'encoder_type': 'WEncoder', ...}, ...}
+    e4e_ffhq_encode.pt      {'state_dict': {'encoder.*' (styles, latlayers), 'decoder.*'}, 'opts': {...}, ...}
+    stylegan2-*.pt          {'g_ema': generator state dict, 'latent_avg': [512]}   (rosinality)
+    our .safetensors        the same weights, prefixed 'hypernet.' / 'decoder.' / 'encoder.', plus 'latent_avg';
+                            kind and options in the metadata
+Files are read with `weights_only=True`: a file whose pickle would build arbitrary Python objects is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .encoders import EncoderConfig
+from .hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
+from .stylegan2 import GeneratorConfig, check_size, log2
+
+HYPERSTYLE, W_ENCODER, E4E, GENERATOR = "hyperstyle", "w_encoder", "e4e", "generator"
+KIND_DESCRIPTIONS = {
+    HYPERSTYLE: "a HyperStyle checkpoint (hypernetwork + generator, like hyperstyle_ffhq.pt)",
+    W_ENCODER: "a HyperStyle W-encoder (one W code, like faces_w_encoder.pt)",
+    E4E: "an e4e/pSp W+ encoder (like e4e_ffhq_encode.pt)",
+    GENERATOR: "a StyleGAN2 generator (rosinality format, like stylegan2-ffhq-config-f.pt)",
+}
+SAFETENSORS_FORMAT = "hyperstyle-nodes"
+SAFETENSORS_VERSION = "1"
+# The shared hypernet is a child of every shared head, so its weights repeat under these names in state dicts.
+_SHARED_ALIAS = re.compile(r"^refinement_blocks\.(\d+)\.hypernet\.(w1|b1|w2|b2)$")
+
+
+class CheckpointError(ValueError):
+    """A file that is not what the caller needs, or cannot be read safely. The message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    kind: str
+    opts: dict
+    parts: dict  # 'hypernet' / 'decoder' / 'encoder' -> state dict (unprefixed keys)
+    latent_avg: Optional[torch.Tensor]
+    output_size: int
+    encoder_type: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def describe(self) -> str:
+        return f"{self.name} is {KIND_DESCRIPTIONS[self.kind]} for a {self.output_size}-px generator"
+
+    def expect(self, kinds, role: str) -> "Checkpoint":
+        """Raise a clear error unless this file is one of `kinds` (what the caller expected for `role`)."""
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if self.kind not in kinds:
+            wanted = " or ".join(KIND_DESCRIPTIONS[k] for k in kinds)
+            hint = {
+                (E4E, W_ENCODER): " Pass it as the e4e encoder (e4e=...) instead of the W-encoder.",
+                (W_ENCODER, E4E): " Pass it as the W-encoder (w_encoder=...) instead of e4e.",
+                (GENERATOR, HYPERSTYLE): " A generator alone cannot invert images; load hyperstyle_ffhq.pt (or your "
+                                         "own trained HyperStyle checkpoint) and use the generator for domain "
+                                         "adaptation.",
+            }.get((self.kind, kinds[0]), "")
+            raise CheckpointError(f"{self.describe()}, but {role} needs {wanted}.{hint}")
+        return self
+
+    def expect_size(self, size: int, role: str, other: str) -> "Checkpoint":
+        if self.output_size != size:
+            raise CheckpointError(
+                f"{self.describe()} ({2 * log2(self.output_size) - 2} style codes), but {other} is {size} px "
+                f"({2 * log2(size) - 2} style codes). Use {role} trained for the same {size}-px generator.")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safe loading
+
+
+def _safe_globals() -> list:
+    allowed = [argparse.Namespace]
+    try:  # numpy scalars/dtypes appear in some saved option dicts; they rebuild data, never run code
+        import numpy as np
+        allowed += [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
+        allowed += [getattr(np, "_core", np.core).multiarray.scalar]
+    except Exception:  # pragma: no cover - numpy layout differs across versions
+        pass
+    return allowed
+
+
+def torch_load_safely(path) -> object:
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if not found:  # not a pickle we refuse, just not a pickle: truncated or some other file
+            raise CheckpointError(f"Could not read {path.name} as a PyTorch checkpoint (is it truncated or not a "
+                                  f"model file? size {path.stat().st_size} bytes)") from err
+        what = f" (it asks for {found.group(1)})"
+        raise CheckpointError(
+            f"Refused to load {path.name}: it contains pickled Python objects{what} that could run code when "
+            f"unpickled, and checkpoints are only ever read with weights_only=True. A genuine HyperStyle/e4e/"
+            f"StyleGAN2 checkpoint holds only tensors and plain options. If you trust the file, re-save its tensors "
+            f"(torch.save of a plain dict of tensors) or convert it to .safetensors in a trusted environment.") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise CheckpointError(f"Checkpoint not found: {path}") from err
+        raise CheckpointError(f"Could not read {path.name} as a PyTorch checkpoint (is it truncated or not a "
+                              f"model file? size {path.stat().st_size if path.exists() else 0} bytes): {err}") from err
+
+
+def _opts_dict(opts) -> dict:
+    if opts is None:
+        return {}
+    if isinstance(opts, argparse.Namespace):
+        return dict(vars(opts))
+    if isinstance(opts, dict):
+        return dict(opts)
+    raise CheckpointError(f"unexpected 'opts' of type {type(opts).__name__} in the checkpoint")
+
+
+def _split_prefixed(state_dict: dict) -> dict:
+    parts: dict = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        prefix, _, rest = key.partition(".")
+        if rest:
+            parts.setdefault(prefix, {})[rest] = value
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What is this file?
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Open a .pt/.pth/.safetensors file and say what it is. Never builds a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    obj = torch_load_safely(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary; expected one of: "
+                              + "; ".join(KIND_DESCRIPTIONS.values()))
+    if "g_ema" in obj or "style.1.weight" in obj:
+        generator = obj.get("g_ema", obj)
+        return _checkpoint(path, GENERATOR, {}, {"decoder": generator}, obj.get("latent_avg"))
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        parts = _split_prefixed(obj["state_dict"])
+        opts = _opts_dict(obj.get("opts"))
+        if "hypernet" in parts:
+            return _checkpoint(path, HYPERSTYLE, opts, parts, obj.get("latent_avg"))
+        if "encoder" in parts:
+            return _checkpoint(path, _encoder_kind(path, parts["encoder"], opts), opts, parts, obj.get("latent_avg"))
+    raise CheckpointError(f"{path.name} is not a file this pack knows (top-level keys: {sorted(obj)[:8]}). Expected "
+                          "one of: " + "; ".join(KIND_DESCRIPTIONS.values()))
+
+
+def _encoder_kind(path: Path, encoder: dict, opts: dict) -> str:
+    encoder_type = str(opts.get("encoder_type", ""))
+    if "styles.0.linear.weight" not in encoder:
+        if "linear.weight" in encoder:
+            return W_ENCODER
+        raise CheckpointError(f"{path.name} has encoder weights of an unknown type ({encoder_type or 'no opts'})")
+    if "latlayer1.weight" not in encoder or encoder["input_layer.0.weight"].shape[1] != 3:
+        raise CheckpointError(f"{path.name} is a ReStyle encoder ({encoder_type or 'ProgressiveBackboneEncoder'}); "
+                              "this pack needs the original e4e encoder (e4e_ffhq_encode.pt) or a W-encoder.")
+    return E4E
+
+
+def _checkpoint(path, kind, opts, parts, latent_avg) -> Checkpoint:
+    size = _output_size(path, kind, opts, parts)
+    return Checkpoint(path=path, kind=kind, opts=opts, parts=parts, latent_avg=latent_avg, output_size=size,
+                      encoder_type=str(opts.get("encoder_type", "")))
+
+
+def _output_size(path, kind, opts, parts) -> int:
+    from_weights = None
+    if "decoder" in parts:
+        n_to_rgbs = len({k.split(".")[1] for k in parts["decoder"] if k.startswith("to_rgbs.")})
+        from_weights = 4 << n_to_rgbs
+    elif kind == E4E:
+        n_styles = len({k.split(".")[1] for k in parts["encoder"] if k.startswith("styles.")})
+        from_weights = 2 ** ((n_styles + 2) // 2)
+    from_opts = opts.get("output_size", opts.get("stylegan_size"))
+    if from_opts is not None and from_weights is not None and int(from_opts) != from_weights:
+        raise CheckpointError(f"{path.name}: its options say {from_opts} px but its generator weights are "
+                              f"{from_weights} px; the file is inconsistent.")
+    size = int(from_opts) if from_opts is not None else from_weights
+    if size is None:
+        raise CheckpointError(f"{path.name}: cannot tell the generator size (no output_size option, no weights)")
+    check_size(size)
+    return size
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Architecture from weights (tensor shapes) + options
+
+
+def generator_config(decoder: dict) -> GeneratorConfig:
+    n_mlp = len([k for k in decoder if re.fullmatch(r"style\.\d+\.weight", k)])
+    n_to_rgbs = len({k.split(".")[1] for k in decoder if k.startswith("to_rgbs.")})
+    channels = [decoder["conv1.conv.weight"].shape[1]]
+    channels += [decoder[f"convs.{2 * i}.conv.weight"].shape[1] for i in range(n_to_rgbs)]
+    return GeneratorConfig(size=4 << n_to_rgbs, style_dim=decoder["style.1.weight"].shape[1], n_mlp=n_mlp,
+                           channels=tuple(int(c) for c in channels))
+
+
+def _stage_widths(shapes: list) -> tuple:
+    """Run-length encode per-unit widths into (stage widths, units per stage)."""
+    widths, counts = [], []
+    for w in shapes:
+        if widths and widths[-1] == w:
+            counts[-1] += 1
+        else:
+            widths.append(w)
+            counts.append(1)
+    return tuple(widths), tuple(counts)
+
+
+def _indexed(weights: dict, pattern: str) -> list:
+    """Values of keys matching pattern (with one (\\d+) group), ordered by that index."""
+    found = {int(m.group(1)): v for k, v in weights.items() if (m := re.fullmatch(pattern, k))}
+    return [found[i] for i in sorted(found)]
+
+
+def hypernet_config(ckpt: Checkpoint, generator: GeneratorConfig) -> HypernetConfig:
+    weights, opts = ckpt.parts["hypernet"], ckpt.opts
+    n_layers = len(generator.layer_shapes)
+    layers = parse_layers_to_tune(opts.get("layers_to_tune"), n_layers)
+    layers = tuple(i for i in layers if i < n_layers)  # the official code ignores indices past the last layer
+    in_weights = tuple(sorted({int(k.split(".")[1]) for k in weights if k.startswith("refinement_blocks.")}))
+    if in_weights != tuple(sorted(layers)):
+        raise CheckpointError(f"{ckpt.name}: its options tune layers {list(layers)} but its weights have heads for "
+                              f"{list(in_weights)}; the file is inconsistent.")
+    widths, blocks = _stage_widths([int(w.shape[0]) for w in _indexed(weights, r"body\.(\d+)\.conv2\.weight")])
+    w1 = weights["shared_weight_hypernet.w1"]
+    heads = {i: weights.get(f"refinement_blocks.{i}.convs.0.weight") for i in layers}
+    shared = [h for i, h in heads.items() if i in SHARED_LAYERS]
+    channel = [h for i, h in heads.items() if i not in SHARED_LAYERS]
+    encoder_type = ckpt.encoder_type or "SharedWeightsHyperNetResNet"
+    if encoder_type not in ("SharedWeightsHyperNetResNet", "SharedWeightsHyperNetResNetSeparable"):
+        raise CheckpointError(f"{ckpt.name}: unknown hypernetwork type {encoder_type!r}")
+    return HypernetConfig(
+        layer_shapes=tuple(generator.layer_shapes), layers_to_tune=layers,
+        separable=encoder_type.endswith("Separable"), input_nc=int(weights["conv1.weight"].shape[1]),
+        widths=widths, blocks=blocks, feature_dim=int(w1.shape[0]),
+        head_channels=int(channel[0].shape[0]) if channel else 256,
+        shared_head_channels=int(shared[0].shape[0]) if shared else 128)
+
+
+def encoder_config(ckpt: Checkpoint) -> EncoderConfig:
+    weights = ckpt.parts["encoder"]
+    widths, units = _stage_widths([int(w.shape[0]) for w in _indexed(weights, r"body\.(\d+)\.res_layer\.1\.weight")])
+    n_styles = 2 * log2(ckpt.output_size) - 2
+    if ckpt.kind == W_ENCODER:
+        kind, style_dim = "w_encoder", int(weights["linear.weight"].shape[0])
+    else:
+        kind = "psp" if ckpt.encoder_type == "GradualStyleEncoder" else "e4e"
+        style_dim = int(weights["styles.0.linear.weight"].shape[0])
+    return EncoderConfig(kind=kind, n_styles=n_styles, style_dim=style_dim, widths=widths, units=units,
+                         input_nc=int(weights["input_layer.0.weight"].shape[1]))
+
+
+def restore_shared_aliases(hypernet_weights: dict) -> dict:
+    """Add the repeated `refinement_blocks.N.hypernet.*` names that our safetensors files store once."""
+    weights = dict(hypernet_weights)
+    for key in [k for k in weights if k.startswith("refinement_blocks.") and k.endswith(".convs.0.weight")]:
+        index = key.split(".")[1]
+        if f"refinement_blocks.{index}.linear.weight" in weights:  # a shared head
+            for name in ("w1", "b1", "w2", "b2"):
+                weights.setdefault(f"refinement_blocks.{index}.hypernet.{name}", weights[f"shared_weight_hypernet.{name}"])
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Our own safetensors format
+
+
+def save_safetensors(ckpt: Checkpoint, out_path) -> Path:
+    """Write `ckpt` as .safetensors: tensors by part prefix, kind and options in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for part, weights in ckpt.parts.items():
+        for key, value in weights.items():
+            if part == "hypernet" and _SHARED_ALIAS.match(key):
+                continue  # same storage as shared_weight_hypernet.*; restored on load
+            tensors[f"{part}.{key}"] = value.contiguous()
+    if ckpt.latent_avg is not None:
+        tensors["latent_avg"] = ckpt.latent_avg.contiguous()
+    metadata = {"format": SAFETENSORS_FORMAT, "format_version": SAFETENSORS_VERSION, "kind": ckpt.kind,
+                "output_size": str(ckpt.output_size), "source": ckpt.name,
+                "opts": json.dumps(ckpt.opts, default=str, sort_keys=True)}
+    out_path = Path(out_path)
+    save_file(tensors, str(out_path), metadata=metadata)
+    return out_path
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"Could not read {path.name} as safetensors (truncated or not safetensors?): {err}")
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path.name} is a safetensors file but not one written by hyperstyle-nodes (its "
+                              f"metadata has no format={SAFETENSORS_FORMAT!r}); convert the original .pt file with "
+                              "`python -m hyperstyle_nodes.convert IN.pt OUT.safetensors`.")
+    kind = metadata.get("kind")
+    if kind not in KIND_DESCRIPTIONS:
+        raise CheckpointError(f"{path.name}: unknown kind {kind!r} in its metadata")
+    latent_avg = tensors.pop("latent_avg", None)
+    parts = _split_prefixed(tensors)
+    if "hypernet" in parts:
+        parts["hypernet"] = restore_shared_aliases(parts["hypernet"])
+    opts = json.loads(metadata.get("opts", "{}"))
+    return _checkpoint(path, kind, opts, parts, latent_avg)

@@ -1,0 +1,241 @@
+"""HyperStyle's hypernetwork: a ResNet-34 over cat([input, reconstruction]) and one refinement head per tuned layer.
+
+Module and parameter names match the released `hyperstyle_ffhq.pt` (`hypernet.*` keys), so it loads with
+`strict=True`. Shapes, for the released 1024-px model:
+
+    input [B, 6, 256, 256] -> conv1/bn1/relu [B, 64, 128, 128] -> body (16 basic blocks) -> features [B, 512, 16, 16]
+    shared heads   (3x3, 512->512 layers): features -> code [B, 512] -> shared hypernet -> delta [B, 512, 512, 3, 3]
+    per-channel heads (other 3x3 layers):  features -> [B, out*in] -> compact delta [B, out, in]
+    toRGB heads (only if a checkpoint tunes them): features -> delta [B, 3, in, 1, 1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from .stylegan2 import EqualLinear
+
+# Layers whose offsets come from the one shared hypernet: the 3x3 convs of the 512-channel resolutions (4-64 px).
+SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
+FEATURE_SPATIAL = 16  # the backbone's output is 16x16 for a 256x256 input
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """Architecture of the hypernetwork. Defaults are the released model's; widths shrink for tiny test models."""
+
+    layer_shapes: tuple  # (kernel, in, out) per generator layer, from GeneratorConfig.layer_shapes
+    layers_to_tune: tuple
+    separable: bool = False  # SharedWeightsHyperNetResNetSeparable heads for the non-shared layers
+    input_nc: int = 6
+    widths: tuple = (64, 128, 256, 512)  # ResNet-34 stages
+    blocks: tuple = (3, 4, 6, 3)
+    feature_dim: int = 512  # channels into each head's output and size of the shared hypernet's code
+    head_channels: int = 256  # inner width of per-layer heads
+    shared_head_channels: int = 128  # inner width of shared-hypernet heads
+
+    def __post_init__(self):
+        n = len(self.layer_shapes)
+        bad = [i for i in self.layers_to_tune if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"layers_to_tune {bad} do not exist: this generator has layers 0..{n - 1}")
+
+    @property
+    def shared_layers(self) -> list:
+        return [i for i in self.layers_to_tune if i in SHARED_LAYERS]
+
+    @property
+    def shared_channels(self) -> int:
+        """In/out channels of the layers the shared hypernet serves (512 in every released model)."""
+        return self.layer_shapes[0][1]
+
+
+def parse_layers_to_tune(value, n_layers: int) -> tuple:
+    """The official opts store layers_to_tune as a comma-separated string; empty means every layer."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return tuple(range(n_layers))
+    if isinstance(value, str):
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    return tuple(int(v) for v in value)
+
+
+class SharedWeightsHypernet(nn.Module):
+    """Two-step factorised hypernet: code z [B, z] -> kernel [B, out, in, 3, 3]."""
+
+    def __init__(self, channels: int, z_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.channels, self.z_dim, self.kernel_size = channels, z_dim, kernel_size
+        # official init: N(0, 1)/40, folded into (-2, 2)
+        self.w1 = nn.Parameter(torch.fmod(torch.randn(z_dim, channels * kernel_size ** 2) / 40, 2))
+        self.b1 = nn.Parameter(torch.fmod(torch.randn(channels * kernel_size ** 2) / 40, 2))
+        self.w2 = nn.Parameter(torch.fmod(torch.randn(z_dim, channels * z_dim) / 40, 2))
+        self.b2 = nn.Parameter(torch.fmod(torch.randn(channels * z_dim) / 40, 2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch, k = z.shape[0], self.kernel_size
+        h_in = (z @ self.w2 + self.b2).view(batch, self.channels, self.z_dim)
+        h_final = h_in @ self.w1 + self.b1  # [B, in, out*k*k]
+        # The released weights were trained with this memory layout read back as [out, in, k, k]: a view, not a
+        # transpose, so it must stay a view to reproduce them.
+        return h_final.view(batch, self.channels, self.channels, k, k)
+
+
+def _conv_stack(channels: list, strides: list) -> nn.Sequential:
+    """Conv3x3 + LeakyReLU(0.01) pairs; indices 0, 2, 4, ... hold the weights, as in the checkpoints."""
+    modules = []
+    for (c_in, c_out), stride in zip(zip(channels[:-1], channels[1:]), strides):
+        modules += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.LeakyReLU()]
+    return nn.Sequential(*modules)
+
+
+class SharedHead(nn.Module):
+    """features [B, C, 16, 16] -> code [B, feature_dim] for the shared hypernet (HyperRefinementBlock)."""
+
+    def __init__(self, hypernet: SharedWeightsHypernet, in_channels: int, inner: int, feature_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        # 16 -> 16 -> 8 -> 4 -> 2 -> 1
+        self.convs = _conv_stack([in_channels, inner, inner, inner, inner, feature_dim], [1, 2, 2, 2, 2])
+        self.linear = EqualLinear(feature_dim, feature_dim)
+        self.hypernet = hypernet  # the same module in every shared head (its keys repeat in the checkpoints)
+
+    def code(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.convs(features).view(-1, self.feature_dim))
+
+    def forward(self, features):
+        return self.hypernet(self.code(features))
+
+
+class ChannelHead(nn.Module):
+    """features -> compact per-(out, in) offsets [B, out, in] (3x3 layers) or a 1x1 kernel [B, 3, in, 1, 1] (toRGB).
+
+    The official RefinementBlock repeats the 3x3 case over the kernel; we keep it compact and let the generator
+    broadcast it.
+    """
+
+    def __init__(self, shape: tuple, in_channels: int, inner: int, feature_dim: int):
+        super().__init__()
+        self.kernel_size, self.in_ch, self.out_ch = shape
+        n_convs = 3 if self.kernel_size == 3 else 4  # 16 -> 2 (then average-pooled), or 16 -> 1
+        widths = [in_channels] + [inner] * (n_convs - 1) + [feature_dim]
+        self.convs = _conv_stack(widths, [2] * n_convs)
+        projection = nn.Conv2d(feature_dim, self.in_ch * self.out_ch, kernel_size=1)
+        if self.kernel_size == 1:
+            self.output = nn.Sequential(projection)
+        else:
+            self.output = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), projection)
+
+    def forward(self, features):
+        x = self.output(self.convs(features))
+        if self.kernel_size == 1:
+            return x.view(-1, self.out_ch, self.in_ch, 1, 1)
+        return x.view(-1, self.out_ch, self.in_ch)
+
+
+class SeparableKernel(nn.Module):
+    """Low-rank full kernel [B, out, in, k, k] from a code (SeparableBlock of the official code)."""
+
+    def __init__(self, feature_dim: int, in_ch: int, out_ch: int, kernel_size: int):
+        super().__init__()
+        self.feature_dim, self.in_ch, self.out_ch, self.k = feature_dim, in_ch, out_ch, kernel_size
+        self.make_kernel_in = nn.Linear(feature_dim, kernel_size ** 2 * in_ch)
+        self.make_kernel_out = nn.Linear(feature_dim, kernel_size ** 2 * out_ch)
+        self.kernel_linear_in = nn.Linear(in_ch, in_ch)
+        self.kernel_linear_out = nn.Linear(out_ch, out_ch)
+
+    def forward(self, features):
+        f = features.view(-1, self.feature_dim)
+        k = self.k
+        kernel_in = self.make_kernel_in(f).view(-1, k, k, 1, self.in_ch)
+        kernel_out = self.make_kernel_out(f).view(-1, k, k, self.out_ch, 1)
+        kernel = kernel_out @ kernel_in  # [B, k, k, out, in] (rank one per tap)
+        kernel = self.kernel_linear_in(kernel).permute(0, 1, 2, 4, 3)  # mix input channels -> [B, k, k, in, out]
+        kernel = self.kernel_linear_out(kernel)  # mix output channels
+        return kernel.permute(0, 4, 3, 1, 2)  # [B, out, in, k, k]
+
+
+class SeparableHead(nn.Module):
+    """features -> full offsets [B, out, in, k, k] through a separable kernel (RefinementBlockSeparable)."""
+
+    def __init__(self, shape: tuple, in_channels: int, inner: int, feature_dim: int):
+        super().__init__()
+        self.kernel_size, self.in_ch, self.out_ch = shape
+        # 16 -> 8 -> 4 -> 2 -> 1
+        self.convs = _conv_stack([in_channels, inner, inner, inner, feature_dim], [2, 2, 2, 2])
+        if self.kernel_size == 1:
+            self.output = nn.Sequential(nn.Conv2d(feature_dim, self.in_ch * self.out_ch, kernel_size=1))
+        else:
+            self.output = nn.Sequential(SeparableKernel(feature_dim, self.in_ch, self.out_ch, self.kernel_size))
+
+    def forward(self, features):
+        x = self.output(self.convs(features))
+        if self.kernel_size == 1:
+            return x.view(-1, self.out_ch, self.in_ch, 1, 1)
+        return x
+
+
+class HyperNetwork(nn.Module):
+    """cat([x, y_hat]) [B, 6, 256, 256] in [-1, 1] -> one offset (or None) per generator layer."""
+
+    def __init__(self, config: HypernetConfig):
+        super().__init__()
+        self.config = config
+        w = config.widths
+        self.conv1 = nn.Conv2d(config.input_nc, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.relu = nn.PReLU(w[0])
+        self.body = nn.Sequential(*_resnet_blocks(w, config.blocks))
+
+        self.shared_weight_hypernet = SharedWeightsHypernet(config.shared_channels, config.feature_dim)
+        heads = []
+        for layer, shape in enumerate(config.layer_shapes):
+            if layer not in config.layers_to_tune:
+                heads.append(None)
+            elif layer in SHARED_LAYERS:
+                if shape != (3, config.shared_channels, config.shared_channels):
+                    raise ValueError(f"layer {layer} has shape {shape}; the shared hypernet serves only 3x3 "
+                                     f"{config.shared_channels}->{config.shared_channels} layers")
+                heads.append(SharedHead(self.shared_weight_hypernet, w[-1], config.shared_head_channels,
+                                        config.feature_dim))
+            elif config.separable:
+                heads.append(SeparableHead(shape, w[-1], config.head_channels, config.feature_dim))
+            else:
+                heads.append(ChannelHead(shape, w[-1], config.head_channels, config.feature_dim))
+        self.refinement_blocks = nn.ModuleList(heads)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> list:
+        features = self.features(x)
+        deltas = [None] * len(self.refinement_blocks)
+        shared = [i for i, h in enumerate(self.refinement_blocks) if isinstance(h, SharedHead)]
+        if shared:
+            # one pair of matrix products for all shared layers instead of one per layer
+            codes = torch.cat([self.refinement_blocks[i].code(features) for i in shared])
+            kernels = self.shared_weight_hypernet(codes).split(features.shape[0])
+            for i, kernel in zip(shared, kernels):
+                deltas[i] = kernel
+        for i, head in enumerate(self.refinement_blocks):
+            if head is not None and not isinstance(head, SharedHead):
+                deltas[i] = head(features)
+        return deltas
+
+
+def _resnet_blocks(widths: tuple, blocks: tuple) -> list:
+    """torchvision's ResNet-34 stages flattened into one list (the checkpoints' `body.N`), without the max-pool."""
+    modules, in_ch = [], widths[0]
+    for stage, (width, n) in enumerate(zip(widths, blocks)):
+        for j in range(n):
+            stride = 2 if stage > 0 and j == 0 else 1
+            downsample = None
+            if stride != 1 or in_ch != width:
+                downsample = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False),
+                                           nn.BatchNorm2d(width))
+            modules.append(BasicBlock(in_ch, width, stride=stride, downsample=downsample))
+            in_ch = width
+    return modules

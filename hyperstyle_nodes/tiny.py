@@ -1,0 +1,97 @@
+"""Tiny random models written in the released checkpoint formats.
+
+Tests, CI, the benchmark's CPU mode and the trainer's self-check need real files without downloading gigabytes:
+these have the released top-level structure (`state_dict` with `hypernet.*`/`encoder.*`/`decoder.*` keys, `opts`,
+`latent_avg`; rosinality `g_ema` for generators) and the released key names, only narrower.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .encoders import EncoderConfig, build_encoder
+from .hypernetwork import HyperNetwork, HypernetConfig
+from .stylegan2 import Generator, GeneratorConfig
+
+TINY_LAYERS_TO_TUNE = "0,2,3,5,6,8,9,11,12,14,15"  # shared 3x3 layers and the per-channel 128-px layers
+TINY_WIDTHS = (16, 32, 64, 128)
+
+
+def tiny_generator_config(size: int = 128, narrow: float = 1 / 16, style_dim: int = 64) -> GeneratorConfig:
+    return GeneratorConfig.stylegan2(size=size, narrow=narrow, style_dim=style_dim)
+
+
+def tiny_hypernet_config(gen: GeneratorConfig, layers_to_tune: str = TINY_LAYERS_TO_TUNE, separable=False,
+                         widths=TINY_WIDTHS) -> HypernetConfig:
+    from .hypernetwork import parse_layers_to_tune
+    layers = tuple(i for i in parse_layers_to_tune(layers_to_tune, len(gen.layer_shapes)) if i < len(gen.layer_shapes))
+    return HypernetConfig(layer_shapes=tuple(gen.layer_shapes), layers_to_tune=layers, separable=separable,
+                          widths=widths, feature_dim=64, head_channels=32, shared_head_channels=16)
+
+
+def tiny_encoder_config(kind: str, gen: GeneratorConfig, widths=TINY_WIDTHS) -> EncoderConfig:
+    return EncoderConfig(kind=kind, n_styles=gen.n_styles, style_dim=gen.style_dim, widths=widths)
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Make zero/one-initialised state non-trivial (BN statistics, PReLU slopes, biases, noise strengths) so a
+    comparison between implementations exercises every parameter."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=generator)
+            m.running_var.uniform_(0.5, 1.5, generator=generator)
+            m.weight.uniform_(0.8, 1.2, generator=generator)
+            m.bias.normal_(0, 0.1, generator=generator)
+        elif isinstance(m, nn.PReLU):
+            m.weight.uniform_(0.1, 0.4, generator=generator)
+    for name, p in module.named_parameters():
+        if name.endswith("noise.weight"):
+            p.uniform_(0.05, 0.2, generator=generator)
+        elif name.endswith("activate.bias") or (name.endswith(".bias") and "to_rgb" in name):
+            p.normal_(0, 0.1, generator=generator)
+    return module
+
+
+def make_generator(config: GeneratorConfig, seed: int = 0) -> Generator:
+    torch.manual_seed(seed)
+    return randomize_(Generator(config), torch.Generator().manual_seed(seed)).eval()
+
+
+def _state(prefix: str, module: nn.Module) -> dict:
+    return {f"{prefix}.{k}": v.clone() for k, v in module.state_dict().items()}
+
+
+def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tune: str = TINY_LAYERS_TO_TUNE,
+                           separable: bool = False) -> dict:
+    """Write hyperstyle.pt, w_encoder.pt, e4e.pt and generator.pt (released formats) into `folder`.
+
+    Returns {'hyperstyle': path, 'w_encoder': path, 'e4e': path, 'generator': path}.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen_config = tiny_generator_config(size)
+    generator = make_generator(gen_config, seed)
+    latent_avg = generator.mean_latent(2000).repeat(gen_config.n_styles, 1)
+    rng = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    hypernet = randomize_(HyperNetwork(tiny_hypernet_config(gen_config, layers_to_tune, separable)), rng)
+    w_encoder = randomize_(build_encoder(tiny_encoder_config("w_encoder", gen_config)), rng)
+    e4e = randomize_(build_encoder(tiny_encoder_config("e4e", gen_config)), rng)
+
+    common = {"output_size": size, "dataset_type": "ffhq_hypernet", "device": "cpu", "checkpoint_path": None}
+    paths = {name: folder / f"{name}.pt" for name in ("hyperstyle", "w_encoder", "e4e", "generator")}
+    decoder = _state("decoder", generator)
+    torch.save({"state_dict": {**_state("hypernet", hypernet), **decoder}, "latent_avg": latent_avg,
+                "opts": {**common, "encoder_type": "SharedWeightsHyperNetResNet" + ("Separable" if separable else ""),
+                         "input_nc": 6, "layers_to_tune": layers_to_tune, "w_encoder_type": "WEncoder",
+                         "load_w_encoder": True, "n_iters_per_batch": 5}}, paths["hyperstyle"])
+    torch.save({"state_dict": {**_state("encoder", w_encoder), **decoder}, "latent_avg": latent_avg,
+                "opts": {**common, "encoder_type": "WEncoder", "input_nc": 3}}, paths["w_encoder"])
+    torch.save({"state_dict": {**_state("encoder", e4e), **decoder}, "latent_avg": latent_avg,
+                "opts": {"stylegan_size": size, "encoder_type": "Encoder4Editing", "start_from_latent_avg": True,
+                         "device": "cpu", "dataset_type": "ffhq_encode"}}, paths["e4e"])
+    torch.save({"g_ema": generator.state_dict(), "latent_avg": latent_avg[0]}, paths["generator"])
+    return paths

@@ -1,0 +1,129 @@
+"""StyleGAN2 generator: rosinality layout, plain-PyTorch ops, weight offsets."""
+import numpy as np
+import pytest
+import torch
+
+from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, ModulatedConv2d, upfirdn2d
+from hyperstyle_nodes.tiny import make_generator, tiny_generator_config
+
+
+def naive_upfirdn2d(x, k, up, down, pad):
+    """Loop-based reference: zero-insert, pad, true convolution, subsample."""
+    x, k = x.numpy(), k.numpy()
+    b, c, h, w = x.shape
+    up_x = np.zeros((b, c, h * up, w * up), x.dtype)
+    up_x[:, :, ::up, ::up] = x
+    p0, p1 = pad
+    padded = np.pad(up_x, ((0, 0), (0, 0), (p0, p1), (p0, p1)))
+    kh, kw = k.shape
+    oh, ow = padded.shape[2] - kh + 1, padded.shape[3] - kw + 1
+    out = np.zeros((b, c, oh, ow), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            window = padded[:, :, i:i + kh, j:j + kw]
+            out[:, :, i, j] = (window * k[::-1, ::-1]).sum(axis=(2, 3))
+    return torch.from_numpy(out[:, :, ::down, ::down])
+
+
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2)), (2, 1, (2, 1)), (1, 2, (1, 1))])
+def test_upfirdn2d_matches_loop_reference(up, down, pad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, generator=g)
+    k = torch.rand(4, 4, generator=g)  # asymmetric, so a missing flip would show
+    assert torch.allclose(upfirdn2d(x, k, up, down, pad), naive_upfirdn2d(x, k, up, down, pad), atol=1e-5)
+
+
+def reference_modulated_conv(conv: ModulatedConv2d, x, w, delta=None):
+    """The paper's formula with explicit per-sample weights (official code's structure), for comparison."""
+    batch = x.shape[0]
+    style = conv.modulation(w).view(batch, 1, -1, 1, 1)
+    base = conv.weight if delta is None else conv.weight * (1 + delta)
+    weight = conv.scale * base * style
+    if conv.demodulate:
+        weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8).view(batch, -1, 1, 1, 1)
+    outs = []
+    for b in range(batch):
+        if conv.upsample:
+            o = torch.nn.functional.conv_transpose2d(x[b:b + 1], weight[b].transpose(0, 1), stride=2)
+            outs.append(conv.blur(o))
+        else:
+            outs.append(torch.nn.functional.conv2d(x[b:b + 1], weight[b], padding=conv.padding))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("kind", ["none", "full", "compact"])
+def test_modulated_conv_matches_per_sample_reference(upsample, kind):
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(8, 6, 3, 16, upsample=upsample)
+    x, w = torch.randn(3, 8, 5, 5), torch.randn(3, 16)
+    delta = {"none": None, "full": 0.3 * torch.randn(3, 6, 8, 3, 3), "compact": 0.3 * torch.randn(3, 6, 8)}[kind]
+    expanded = delta[..., None, None].expand(-1, -1, -1, 3, 3) if kind == "compact" else delta
+    with torch.no_grad():
+        ours = conv(x, w, delta)
+        ref = reference_modulated_conv(conv, x, w, expanded)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_compact_offsets_equal_official_expanded_form_bit_exactly():
+    gen = make_generator(tiny_generator_config(64))
+    codes = torch.randn(2, gen.n_styles, gen.style_dim)
+    g = torch.Generator().manual_seed(3)
+    compact = [None] * gen.n_layers
+    for layer in (2, 3, 5, 11):
+        _, c_in, c_out = gen.config.layer_shapes[layer]
+        compact[layer] = 0.2 * torch.randn(2, c_out, c_in, generator=g)
+    # the official RefinementBlock repeats per-channel values over the 3x3 kernel
+    expanded = [None if d is None else d.unsqueeze(3).repeat(1, 1, 1, 3).unsqueeze(4).repeat(1, 1, 1, 1, 3)
+                for d in compact]
+    with torch.no_grad():
+        a, b = gen(codes, compact), gen(codes, expanded)
+        plain = gen(codes)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, plain, atol=1e-3)  # the offsets do change the image
+
+
+def test_rosinality_key_names_and_strict_load():
+    config = GeneratorConfig.stylegan2(size=64, narrow=1 / 16, style_dim=32)
+    keys = set(Generator(config).state_dict())
+    for key in ["style.1.weight", "style.8.bias", "input.input", "conv1.conv.weight", "conv1.conv.modulation.weight",
+                "conv1.noise.weight", "conv1.activate.bias", "to_rgb1.conv.weight", "to_rgb1.bias",
+                "convs.0.conv.blur.kernel", "convs.7.activate.bias", "to_rgbs.0.upsample.kernel",
+                "to_rgbs.3.conv.modulation.bias", "noises.noise_0", "noises.noise_8"]:
+        assert key in keys, key
+    assert "convs.8.conv.weight" not in keys and "noises.noise_9" not in keys
+    other = Generator(config)
+    other.load_state_dict(Generator(config).state_dict(), strict=True)
+
+
+def test_full_size_layer_table_matches_hyperstyle_numbering():
+    config = GeneratorConfig.stylegan2(1024)
+    shapes = config.layer_shapes
+    assert len(shapes) == 26 and config.n_styles == 18
+    assert config.to_rgb_layers == [1, 4, 7, 10, 13, 16, 19, 22, 25]
+    assert shapes[14] == (3, 512, 256) and shapes[24] == (3, 32, 32) and shapes[25] == (1, 32, 3)
+    assert len(GeneratorConfig.stylegan2(512).layer_shapes) == 23
+    assert len(GeneratorConfig.stylegan2(256).layer_shapes) == 20
+
+
+@pytest.mark.parametrize("size", [6, 12, 2048])
+def test_invalid_sizes_are_refused(size):
+    with pytest.raises(ValueError, match="power of two"):
+        GeneratorConfig.stylegan2(size)
+
+
+def test_noise_modes_and_output_shape():
+    gen = make_generator(tiny_generator_config(64))
+    codes = torch.randn(2, gen.n_styles, gen.style_dim)
+    with torch.no_grad():
+        a, b = gen(codes), gen(codes)
+        r1, r2 = gen(codes, noise_mode="random"), gen(codes, noise_mode="random")
+        w_only = gen(codes[:, 0])
+        w_plus = gen(codes[:, :1].expand(-1, gen.n_styles, -1))
+    assert a.shape == (2, 3, 64, 64)
+    assert torch.equal(a, b)
+    assert not torch.equal(r1, r2)
+    assert torch.allclose(w_only, w_plus)
+    with pytest.raises(ValueError, match="codes of shape"):
+        gen(torch.randn(2, gen.n_styles + 1, gen.style_dim))
