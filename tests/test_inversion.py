@@ -1,0 +1,98 @@
+"""invert/decode semantics (the official run_inversion), batching, continuation and half precision."""
+import pytest
+import torch
+
+from hyperstyle_nodes import load_hyperstyle
+from hyperstyle_nodes.model import pool_to
+
+
+def psnr(a, b):
+    return (10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean())).item()
+
+
+def test_invert_follows_run_inversion(tiny_model, face_batch):
+    m = tiny_model
+    inv = m.invert(face_batch, n_iters=3)
+    # the loop written out, with the modules directly
+    with torch.no_grad():
+        x = face_batch * 2 - 1
+        codes = m.encoder(x) + m.latent_avg
+        y_hat = pool_to(m.generator(codes))
+        deltas = None
+        for _ in range(3):
+            new = m.hypernet(torch.cat([x, y_hat], 1))
+            deltas = new if deltas is None else [None if d is None else d + n for d, n in zip(deltas, new)]
+            y = m.generator(codes, deltas)
+            y_hat = pool_to(y)
+    assert torch.allclose(inv.codes, codes, atol=1e-6)
+    assert torch.allclose(inv.images, ((y + 1) / 2).clamp(0, 1), atol=1e-6)
+    assert inv.codes.shape == (2, m.n_styles, 64) and inv.images.shape == (2, 3, 128, 128)
+    assert len(inv.steps) == 4 and all(s.shape == (2, 3, 256, 256) for s in inv.steps)
+    tuned = [i for i, d in enumerate(inv.deltas) if d is not None]
+    assert tuned == [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15]
+    assert inv.deltas[14].shape == (2, 16, 32)  # compact per-channel form, never 3x3-expanded
+    assert inv.deltas[0].shape == (2, 32, 32, 3, 3)
+    # refinement changes the reconstruction
+    assert (inv.steps[-1] - inv.steps[0]).abs().mean() > 1e-3
+
+
+def test_continuing_equals_running_longer(tiny_model, face_batch):
+    a = tiny_model.invert(face_batch, n_iters=3)
+    first = tiny_model.invert(face_batch, n_iters=1)
+    b = tiny_model.invert(face_batch, n_iters=2, codes=first.codes, deltas=first.deltas)
+    assert torch.allclose(a.images, b.images, atol=1e-5)
+    for da, db in zip(a.deltas, b.deltas):
+        assert (da is None) == (db is None)
+        if da is not None:
+            assert torch.allclose(da, db, atol=1e-5)
+
+
+def test_batch_equals_one_by_one(tiny_model, face_batch):
+    batch = tiny_model.invert(face_batch, n_iters=2)
+    for i in range(face_batch.shape[0]):
+        single = tiny_model.invert(face_batch[i:i + 1], n_iters=2)
+        assert torch.allclose(batch.images[i:i + 1], single.images, atol=1e-5)
+
+
+def test_decode(tiny_model, face_batch):
+    inv = tiny_model.invert(face_batch, n_iters=2)
+    assert torch.allclose(tiny_model.decode(inv.codes, inv.deltas), inv.images, atol=1e-6)
+    plain = tiny_model.decode(inv.codes)
+    assert torch.allclose(plain, tiny_model.invert(face_batch, n_iters=0).images, atol=1e-6)
+    assert plain.min() >= 0 and plain.max() <= 1
+
+
+def test_input_resizing_and_broadcasting(tiny_model, face_batch):
+    big = torch.nn.functional.interpolate(face_batch, size=(300, 300), mode="bilinear")
+    assert tiny_model.invert(big, n_iters=1).images.shape == (2, 3, 128, 128)
+    one = tiny_model.invert(face_batch[:1], n_iters=1)
+    both = tiny_model.invert(face_batch, n_iters=1, codes=one.codes, deltas=one.deltas)
+    assert both.codes.shape[0] == 2
+    with pytest.raises(ValueError, match="batch size 2 but there are 3 images"):
+        tiny_model.invert(torch.rand(3, 3, 64, 64), codes=both.codes)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        tiny_model.invert(torch.rand(2, 4, 64, 64))
+
+
+def test_no_encoder_needs_codes(tiny_ckpts, face_batch):
+    model = load_hyperstyle(tiny_ckpts["hyperstyle"])
+    with pytest.raises(RuntimeError, match="no initial encoder"):
+        model.invert(face_batch)
+
+
+def test_e4e_inversion(tiny_ckpts, face_batch):
+    model = load_hyperstyle(tiny_ckpts["hyperstyle"], e4e=tiny_ckpts["e4e"])
+    inv = model.invert(face_batch, n_iters=1)
+    assert inv.codes.shape == (2, model.n_styles, 64)
+    assert (inv.codes[:, 0] - inv.codes[:, -1]).abs().max() > 0  # W+: styles differ
+
+
+def test_bf16_matches_fp32(tiny_ckpts, face_batch):
+    """Half precision on CPU: bf16 (fp16 convolutions are impractically slow on CPU; fp16 is checked on GPU)."""
+    ref = load_hyperstyle(tiny_ckpts["hyperstyle"], w_encoder=tiny_ckpts["w_encoder"]).invert(face_batch, n_iters=3)
+    half = load_hyperstyle(tiny_ckpts["hyperstyle"], w_encoder=tiny_ckpts["w_encoder"], dtype=torch.bfloat16)
+    out = half.invert(face_batch, n_iters=3)
+    value = psnr(out.images, ref.images)
+    print(f"bf16 vs fp32 PSNR (tiny 128-px model, 3 iterations): {value:.1f} dB")
+    assert out.images.dtype == torch.float32  # images come back as float [0, 1] whatever the model's precision
+    assert value >= 40
