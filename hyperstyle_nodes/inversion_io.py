@@ -1,0 +1,213 @@
+"""Saving and loading HyperStyle inversions (latent codes + per-layer weight offsets) as .safetensors.
+
+File layout (format version 1):
+  tensors   'codes'            [B, n_styles, style_dim]
+            'delta.<layer>'    one per tuned generator layer, exactly as given: [B, out, in, k, k] (full) or
+                               [B, out, in] (compact per-channel; never expanded, so files stay small)
+  metadata  'format'           'hyperstyle-inversion'
+            'format_version'   '1'
+            'model_id'         which HyperStyle model made the offsets (they only fit that generator)
+            'num_layers'       length of the offsets list (untuned layers are None and not stored)
+            'delta_layers'     JSON list of the layer indices that are stored
+            'dtype'            dtype of the codes (e.g. 'float32'); offsets keep their own dtype
+            'extra'            JSON object from the caller (e.g. source image name, alignment info)
+Safetensors keeps every tensor's dtype and bytes, so a round trip is bit-exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT_NAME = "hyperstyle-inversion"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+_COUNTER_DIGITS = 5
+_MAX_NAME_ATTEMPTS = 100
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _standalone_cpu(tensor: Tensor, seen_storages: set[int]) -> Tensor:
+    """A contiguous CPU tensor that owns its storage alone: safetensors refuses tensors that share memory
+    (e.g. per-layer views cut from one big buffer), so such views are copied."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() in seen_storages or storage.nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
+        storage = tensor.untyped_storage()
+    seen_storages.add(storage.data_ptr())
+    return tensor
+
+
+def _check_inversion(codes: Tensor, deltas: Sequence[Tensor | None], model_id: str) -> None:
+    if not isinstance(codes, Tensor) or codes.dim() != 3 or not codes.is_floating_point():
+        found = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+        raise ValueError(f"codes must be a float tensor [batch, n_styles, style_dim]; got {found}")
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError("model_id must be a non-empty string naming the HyperStyle model")
+    if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence):
+        raise ValueError(f"deltas must be a list with one entry (tensor or None) per generator layer; "
+                         f"got {type(deltas).__name__}")
+    batch = codes.shape[0]
+    for layer, delta in enumerate(deltas):
+        if delta is None:
+            continue
+        if not isinstance(delta, Tensor) or delta.dim() not in (3, 5) or not delta.is_floating_point():
+            found = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
+            raise ValueError(f"deltas[{layer}] must be None or a float tensor [B, out, in] or [B, out, in, k, k]; "
+                             f"got {found}")
+        if delta.shape[0] != batch:
+            raise ValueError(f"deltas[{layer}] has batch {delta.shape[0]} but codes have batch {batch}")
+
+
+def _next_free_path(path: Path) -> Path:
+    """`path` if free, else `<stem>_NNNNN.safetensors` numbered after the highest existing one (as ComfyUI does,
+    so numbers never go back and refill gaps)."""
+    if not path.exists():
+        return path
+    pattern = re.compile(re.escape(path.stem) + r"_(\d{" + str(_COUNTER_DIGITS) + r",})" + re.escape(SUFFIX) + "$")
+    used = [int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+    counter = max(used, default=0) + 1
+    while True:  # normally one step; guards against names that do not follow the pattern exactly
+        candidate = path.with_name(f"{path.stem}_{counter:0{_COUNTER_DIGITS}d}{SUFFIX}")
+        if not candidate.exists():
+            return candidate
+        counter += 1
+
+
+def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_id: str,
+                   extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Save an inversion; returns the path actually written.
+
+    `path` gets '.safetensors' appended unless it already ends so; missing folders are created. With
+    overwrite=False an existing file is never replaced: the next free `<stem>_00001.safetensors` style name is
+    used instead.
+    """
+    path = Path(path)
+    if path.suffix.lower() != SUFFIX:  # names like 'jane.doe' keep their dot
+        path = path.with_name(path.name + SUFFIX)
+    _check_inversion(codes, deltas, model_id)
+    try:
+        extra_json = json.dumps(extra or {}, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"extra must be JSON-serialisable (strings, numbers, lists, dicts): {err}") from None
+
+    seen: set[int] = set()
+    tensors = {"codes": _standalone_cpu(codes, seen)}
+    present = [layer for layer, delta in enumerate(deltas) if delta is not None]
+    for layer in present:
+        tensors[f"delta.{layer}"] = _standalone_cpu(deltas[layer], seen)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "model_id": model_id,
+        "num_layers": str(len(deltas)),
+        "delta_layers": json.dumps(present),
+        "dtype": _dtype_name(codes.dtype),
+        "extra": extra_json,
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary file first, so a crash never leaves a half-written file under the final name.
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata=metadata)
+        if overwrite:
+            target = path
+            os.replace(temp_name, target)
+        else:
+            target = _claim_free_name(Path(temp_name), path)
+    finally:
+        if os.path.exists(temp_name):
+            os.remove(temp_name)
+    return target
+
+
+def _claim_free_name(temp: Path, wanted: Path) -> Path:
+    """Move `temp` to the first free name, without replacing a file that appears in the meantime."""
+    for _ in range(_MAX_NAME_ATTEMPTS):  # bounded: another writer racing us forever must not hang the node
+        target = _next_free_path(wanted)
+        try:
+            os.link(temp, target)  # fails if target exists, unlike os.replace
+        except FileExistsError:
+            continue
+        except OSError:
+            # file systems without hard links: reserve the name exclusively, then fill it
+            try:
+                with open(target, "xb"):
+                    pass
+            except FileExistsError:
+                continue
+            os.replace(temp, target)
+            return target
+        os.remove(temp)
+        return target
+    raise FileExistsError(f"could not find a free file name next to {wanted}")
+
+
+def _describe_foreign_file(path: Path, metadata: dict | None, names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    fmt = (metadata or {}).get("format")
+    what = f"metadata format={fmt!r}" if fmt else "no 'format' metadata"
+    return (f"{path} is not a HyperStyle inversion: it has {what} and holds tensors [{shown}] "
+            f"(expected 'codes' and 'delta.<layer>' with format={FORMAT_NAME!r}). "
+            f"Is it a model checkpoint? Load it with the model loader instead.")
+
+
+def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dict]:
+    """Load an inversion saved by `save_inversion`.
+
+    Returns (codes, deltas, metadata): deltas is a list of length num_layers with None where a layer is not
+    tuned; metadata has 'format_version' (int), 'model_id' (str), 'num_layers' (int), 'delta_layers'
+    (list[int]), 'dtype' (str) and 'extra' (dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inversion file not found: {path}")
+    try:
+        reader_context = safe_open(str(path), framework="pt", device=str(device))
+    except Exception as err:  # safetensors' own error type for files that are not safetensors at all
+        raise ValueError(f"{path} is not a HyperStyle inversion (not a readable .safetensors file: {err})") from err
+
+    with reader_context as reader:
+        raw_meta = reader.metadata() or {}
+        names = list(reader.keys())
+        if raw_meta.get("format") != FORMAT_NAME:
+            raise ValueError(_describe_foreign_file(path, raw_meta, names))
+        try:
+            metadata = {
+                "format_version": int(raw_meta["format_version"]),
+                "model_id": raw_meta["model_id"],
+                "num_layers": int(raw_meta["num_layers"]),
+                "delta_layers": [int(i) for i in json.loads(raw_meta["delta_layers"])],
+                "dtype": raw_meta["dtype"],
+                "extra": json.loads(raw_meta["extra"]),
+            }
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: damaged inversion metadata ({type(err).__name__}: {err})") from None
+        if metadata["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"{path}: inversion format version {metadata['format_version']} is newer than this "
+                             f"version of hyperstyle-nodes supports ({FORMAT_VERSION}); please update the node pack")
+
+        num_layers, delta_layers = metadata["num_layers"], metadata["delta_layers"]
+        expected = {"codes", *(f"delta.{i}" for i in delta_layers)}
+        if set(names) != expected or any(not 0 <= i < num_layers for i in delta_layers):
+            raise ValueError(f"{path}: damaged inversion: metadata lists layers {delta_layers} of {num_layers} "
+                             f"but the file holds tensors {sorted(names)}")
+        codes = reader.get_tensor("codes")
+        deltas: list[Tensor | None] = [None] * num_layers
+        for layer in delta_layers:
+            deltas[layer] = reader.get_tensor(f"delta.{layer}")
+    return codes, deltas, metadata
