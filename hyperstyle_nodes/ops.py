@@ -1,0 +1,256 @@
+"""What the nodes and the CLI do, on ComfyUI's image layout, with models from the shared manager.
+
+ComfyUI's IMAGE is a float tensor [B, H, W, C] in [0, 1]; the engine works on [B, 3, H, W]. The values that flow
+between nodes are the small dataclasses below: a handle to a manager-owned model, latent codes and compact offsets,
+each tagged with the model they belong to. Codes and offsets live on the CPU between nodes (like IMAGE), so
+nothing stays on the GPU after a prompt except the models the manager keeps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints as ckpts
+from .downloads import resolve
+from .manager import file_identity, get_manager
+from .model import HyperStyleModel, load_generator, load_hyperstyle
+from .stylegan2 import Generator
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values on graph edges
+
+
+@dataclass
+class LoadedModel:
+    """HYPERSTYLE_MODEL: a manager-owned HyperStyle model and what identifies it."""
+
+    handle: object  # manager.ModelHandle
+    model_id: str
+    resolution: int
+    n_styles: int
+    encoder_kind: Optional[str] = None
+
+    def use(self) -> HyperStyleModel:
+        return self.handle.use()
+
+
+@dataclass
+class Latent:
+    """HYPERSTYLE_LATENT: W+ codes [B, n_styles, style_dim] and the model they came from."""
+
+    codes: torch.Tensor
+    model_id: str
+
+    @property
+    def batch(self) -> int:
+        return self.codes.shape[0]
+
+
+@dataclass
+class Offsets:
+    """HYPERSTYLE_DELTAS: per generator layer None, [B, out, in, k, k] or compact [B, out, in]; batch-aligned."""
+
+    deltas: list
+    model_id: str
+
+    @property
+    def batch(self) -> int:
+        return next((d.shape[0] for d in self.deltas if d is not None), 1)
+
+
+@dataclass
+class LoadedGenerator:
+    """HYPERSTYLE_GENERATOR: another StyleGAN2 generator of the same architecture (domain adaptation)."""
+
+    handle: object
+    name: str
+    resolution: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def image_to_bchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] (C = 1, 2, 3 or 4) -> RGB [B, 3, H, W] float in [0, 1] on the CPU.
+
+    Grayscale is repeated to RGB; an alpha channel is ignored.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{what}: expected an IMAGE tensor, got {type(image).__name__}")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"{what}: expected an IMAGE of shape [batch, height, width, channels] with 1-4 channels, "
+                         f"got {list(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError(f"{what}: the image batch is empty")
+    x = image.detach().cpu()
+    x = x.float() / 255 if not x.is_floating_point() else x.float()
+    channels = x.shape[-1]
+    if channels in (1, 2):  # grayscale (+ alpha)
+        x = x[..., :1].expand(-1, -1, -1, 3)
+    elif channels == 4:  # RGBA: the alpha channel is dropped
+        x = x[..., :3]
+    return x.permute(0, 3, 1, 2).clamp(0, 1).contiguous()
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3] float32 on the CPU."""
+    return x.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(checkpoint: str, encoder: Optional[str] = None, precision: str = "auto",
+               device: str = "auto") -> LoadedModel:
+    """Resolve (download if needed) and load HyperStyle + an initial encoder through the shared manager.
+
+    The encoder file's own contents say whether it is a W-encoder or an e4e encoder.
+    """
+    manager = get_manager()
+    torch_device = manager.get_device(device)
+    dtype = manager.get_dtype(precision, torch_device)
+    main_path = resolve(checkpoint, kind="hyperstyle")
+    enc_path = encoder_kind = None
+    if encoder and encoder != "none":
+        enc_path = resolve(encoder)
+        encoder_kind = ckpts.read_checkpoint(enc_path).kind
+    key = ("hyperstyle", file_identity(main_path), None if enc_path is None else file_identity(enc_path))
+
+    def build():
+        kwargs = {}
+        if encoder_kind == ckpts.E4E:
+            kwargs["e4e"] = enc_path
+        elif enc_path is not None:
+            kwargs["w_encoder"] = enc_path  # load_hyperstyle names the file's kind if it is not a W-encoder
+        return load_hyperstyle(main_path, device="cpu", dtype=torch.float32, **kwargs)
+
+    handle = manager.load(key, build, device=torch_device, dtype=dtype)
+    model = handle.model
+    return LoadedModel(handle=handle, model_id=f"{main_path.name}:{main_path.stat().st_size}",
+                       resolution=model.resolution, n_styles=model.n_styles, encoder_kind=encoder_kind)
+
+
+def load_domain_generator(name: str, device: str = "auto", precision: str = "auto") -> LoadedGenerator:
+    manager = get_manager()
+    torch_device = manager.get_device(device)
+    path = resolve(name, kind="generator")
+    handle = manager.load(("generator", file_identity(path)), lambda: load_generator(path),
+                          device=torch_device, dtype=manager.get_dtype(precision, torch_device))
+    return LoadedGenerator(handle=handle, name=path.name, resolution=handle.model.size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encode / refine / decode
+
+
+def _on_model(model: HyperStyleModel, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(model.device)
+
+
+def _broadcast_batches(**batches: int) -> int:
+    """The common batch size; 1 broadcasts against N, anything else must match."""
+    sizes = {name: b for name, b in batches.items() if b is not None}
+    n = max(sizes.values())
+    bad = {name: b for name, b in sizes.items() if b not in (1, n)}
+    if bad:
+        listing = ", ".join(f"{name} {b}" for name, b in sizes.items())
+        raise ValueError(f"batch sizes do not match ({listing}). Connect inputs with the same batch size, or a "
+                         f"batch of 1 to apply to every item.")
+    return n
+
+
+def _check_latent(model: LoadedModel, latent: Latent) -> None:
+    if latent.codes.shape[1] != model.n_styles:
+        raise ValueError(f"this latent has {latent.codes.shape[1]} style codes (from {latent.model_id}) but the "
+                         f"model {model.model_id} is {model.resolution} px with {model.n_styles}; encode with the "
+                         f"same model")
+
+
+def _check_offsets(model: HyperStyleModel, offsets: Offsets) -> None:
+    shapes = model.generator.config.layer_shapes
+    if len(offsets.deltas) != len(shapes):
+        raise ValueError(f"these offsets have {len(offsets.deltas)} layers (from {offsets.model_id}) but the model "
+                         f"has {len(shapes)}; refine with the same model")
+    for layer, (delta, (k, c_in, c_out)) in enumerate(zip(offsets.deltas, shapes)):
+        if delta is not None and tuple(delta.shape[1:3]) != (c_out, c_in):
+            raise ValueError(f"offsets for layer {layer} have shape {list(delta.shape)} but the model's layer is "
+                             f"{c_in}->{c_out}; these offsets come from another model ({offsets.model_id})")
+
+
+def encode(model: LoadedModel, image: torch.Tensor) -> tuple:
+    """Initial encoder -> (Latent, reconstruction IMAGE at generator resolution)."""
+    hs = model.use()
+    if hs.encoder is None:
+        raise ValueError("this HyperStyle model was loaded without an initial encoder; choose faces_w_encoder or "
+                         "e4e_ffhq_encode in Load HyperStyle")
+    x = image_to_bchw(image)
+    codes = hs.encode(x)
+    recon = hs.decode(codes)
+    return Latent(codes.float().cpu(), model.model_id), bchw_to_image(recon)
+
+
+def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: int = 5,
+           offsets: Optional[Offsets] = None, on_step: Optional[Callable[[int, int], None]] = None) -> tuple:
+    """HyperStyle refinement -> (Offsets, refined reconstruction IMAGE)."""
+    hs = model.use()
+    _check_latent(model, latent)
+    x = image_to_bchw(image)
+    if offsets is not None:
+        _check_offsets(hs, offsets)
+    _broadcast_batches(images=x.shape[0], latent=latent.batch, offsets=None if offsets is None else offsets.batch)
+    deltas = None if offsets is None else [_on_model(hs, d) for d in offsets.deltas]
+    inv = hs.invert(x, n_iters=iterations, codes=_on_model(hs, latent.codes), deltas=deltas, keep_steps=False,
+                    on_step=on_step)
+    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id)
+    return out, bchw_to_image(inv.images)
+
+
+def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None, output_size: str = "native",
+           generator: Optional[LoadedGenerator] = None) -> torch.Tensor:
+    """Codes (+ offsets) -> IMAGE; with `generator`, decode on another domain's generator (domain adaptation)."""
+    hs = model.use()
+    _check_latent(model, latent)
+    batch = _broadcast_batches(latent=latent.batch, offsets=None if offsets is None else offsets.batch)
+    codes = _on_model(hs, latent.codes).expand(batch, -1, -1)
+    deltas = None
+    if offsets is not None:
+        _check_offsets(hs, offsets)
+        deltas = [None if d is None else _on_model(hs, d).expand(batch, *d.shape[1:]) for d in offsets.deltas]
+    other: Optional[Generator] = None
+    if generator is not None:
+        other = generator.handle.use()
+        if other.config.layer_shapes != hs.generator.config.layer_shapes or other.style_dim != hs.generator.style_dim:
+            raise ValueError(f"generator {generator.name} ({generator.resolution} px) has a different architecture "
+                             f"from the model's ({model.resolution} px); domain adaptation needs the same one")
+        deltas = domain_adaptation_deltas(deltas)
+    images = hs.decode(codes, deltas, generator=other)
+    if output_size != "native":
+        images = resize_square(images, int(output_size))
+    return bchw_to_image(images)
+
+
+# The official domain adaptation (utils/domain_adaptation_utils.py) keeps the offsets of the fine convolutions only
+# (generator convs 8-15, the 128-1024 px layers): the coarse and middle layers of a fine-tuned generator (toonify,
+# StyleGAN-NADA) no longer match the FFHQ ones the offsets were predicted for.
+DOMAIN_ADAPTATION_LAYERS = (14, 15, 17, 18, 20, 21, 23, 24)
+
+
+def domain_adaptation_deltas(deltas: Optional[list]) -> Optional[list]:
+    """Offsets to apply on another domain's generator: only on DOMAIN_ADAPTATION_LAYERS."""
+    if deltas is None:
+        return None
+    return [d if i in DOMAIN_ADAPTATION_LAYERS else None for i, d in enumerate(deltas)]
