@@ -86,6 +86,10 @@ class HyperStyleModel(nn.Module):
     def device(self) -> torch.device:
         return self.latent_avg.device
 
+    @device.setter
+    def device(self, _value) -> None:
+        """ComfyUI's ModelPatcher assigns `model.device` after moving the weights; we read it off the weights."""
+
     @property
     def dtype(self) -> torch.dtype:
         return self.generator.input.input.dtype
