@@ -5,12 +5,13 @@ Node ids (the class names in NODE_CLASS_MAPPINGS) are public API: saved workflow
 from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
-    from .hyperstyle_nodes import downloads, editing, ops
+    from .hyperstyle_nodes import alignment, downloads, ops
     from .hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 except ImportError:  # imported as a top-level module (tests, scripts)
-    from hyperstyle_nodes import downloads, editing, ops
+    from hyperstyle_nodes import alignment, downloads, ops
     from hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 
+_alignment = alignment  # the Paste Face Back input is also called `alignment`
 CATEGORY = "HyperStyle"
 ALIGNED_FACE_TIP = ("Face-aligned photo(s) (use Align Face first). Any size or aspect is resized to 256x256 for the "
                     "encoders; grayscale is used as RGB and an alpha channel is ignored.")
@@ -158,12 +159,181 @@ class HyperStyleLoadGenerator:
         return (ops.load_domain_generator(generator, device, precision),)
 
 
+class HyperStyleAlignFace:
+    DESCRIPTION = ("Finds faces (RetinaFace) and aligns them the way FFHQ was made (eyes and mouth placed by the FFHQ "
+                   "recipe), which HyperStyle needs. Outputs the aligned faces and how to paste them back.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Photo(s) of any size; grayscale and RGBA work (alpha is ignored)."}),
+            "detector": (_models("face_detector"), {"tooltip": "RetinaFace weights: resnet50 (accurate) or "
+                                                               "mobilenet0.25 (fast); downloaded on first use."}),
+            "output_size": (["1024", "512", "256"], {"default": "1024", "tooltip": "Size of the aligned square."}),
+            "selection": (list(alignment.SELECTIONS), {"default": "largest", "tooltip": "largest: one face per photo; "
+                          "index: the face_index-th largest; all: every face (a group photo becomes a batch)."}),
+            "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "With selection=index: 0 is the "
+                                                                                 "largest face."}),
+            "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Detection confidence; lower it if a face is missed."}),
+            "on_no_face": (list(alignment.NO_FACE_ACTIONS), {"default": "error", "tooltip": "error: stop with a "
+                           "message; center_crop: pass the photo through as a centred square crop."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "HYPERSTYLE_ALIGNMENT")
+    RETURN_NAMES = ("aligned_faces", "alignment")
+    FUNCTION = "align"
+    CATEGORY = CATEGORY
+
+    def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face):
+        faces, records = alignment.align_batch(image, ops.load_detector(detector), int(output_size), selection,
+                                               face_index, threshold, on_no_face)
+        return faces, records
+
+
+class HyperStylePasteBack:
+    DESCRIPTION = ("Puts (edited) aligned faces back into the original photos through a feathered face mask; "
+                   "everything outside the mask is left untouched.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "original": ("IMAGE", {"tooltip": "The photo(s) that went into Align Face."}),
+            "face": ("IMAGE", {"tooltip": "Aligned face(s) to paste, one per alignment record, any size."}),
+            "alignment": ("HYPERSTYLE_ALIGNMENT", {"tooltip": "From Align Face."}),
+            "feather": ("FLOAT", {"default": 32.0, "min": 0.0, "max": 256.0, "step": 1.0,
+                                  "tooltip": "Softness of the mask edge, in pixels of the aligned face."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    FUNCTION = "paste"
+    CATEGORY = CATEGORY
+
+    def paste(self, original, face, alignment, feather):
+        return _alignment.paste_back_batch(original, face, alignment, feather)
+
+
+def _edit_inputs():
+    return {
+        "direction": (ops.direction_choices() or ["(no directions found)"], {
+            "tooltip": "InterFaceGAN age/smile/pose, a GANSpace PCA file, or your own direction in "
+                       "models/hyperstyle/directions/ (.pt/.npy/.safetensors, shape (512,), (1,512), (n,512) or "
+                       "(1,n,512))."}),
+        "layer_start": ("INT", {"default": 0, "min": 0, "max": 17, "tooltip": "First style layer to edit."}),
+        "layer_end": ("INT", {"default": -1, "min": -1, "max": 18, "tooltip": "Style layer to stop before; -1 = all."}),
+    }
+
+
+class HyperStyleApplyEdit:
+    DESCRIPTION = ("Moves the latent codes along an edit direction. The HyperStyle offsets stay as they are, which "
+                   "is why the edited face keeps its identity.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "From e4e Encode (or Load Inversion)."})}
+        inputs.update(_edit_inputs())
+        inputs["strength"] = ("FLOAT", {"default": 2.0, "min": -20.0, "max": 20.0, "step": 0.1,
+                                        "tooltip": "How far to move; negative reverses (e.g. younger). For GANSpace "
+                                                   "it is the target position in standard deviations."})
+        inputs["ganspace_component"] = ("INT", {"default": 0, "min": 0, "max": 511,
+                                                "tooltip": "GANSpace files only: which principal component."})
+        return {"required": inputs}
+
+    RETURN_TYPES = ("HYPERSTYLE_LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "edit"
+    CATEGORY = CATEGORY
+
+    def edit(self, latent, direction, layer_start, layer_end, strength, ganspace_component):
+        return (ops.apply_edit(latent, direction, strength, layer_start, layer_end, ganspace_component),)
+
+
+class HyperStyleEditSweep:
+    DESCRIPTION = ("One latent -> a batch over a range of strengths (before/after strips, animations). Connect the "
+                   "offsets too so they are repeated to match.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "The latent to sweep (any batch)."})}
+        inputs.update(_edit_inputs())
+        inputs["strength_from"] = ("FLOAT", {"default": -3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+                                             "tooltip": "First strength."})
+        inputs["strength_to"] = ("FLOAT", {"default": 3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+                                           "tooltip": "Last strength."})
+        inputs["steps"] = ("INT", {"default": 7, "min": 2, "max": 256, "tooltip": "Number of strengths."})
+        return {"required": inputs, "optional": {
+            "deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "Offsets of the latent, repeated to match the sweep."})}}
+
+    RETURN_TYPES = ("HYPERSTYLE_LATENT", "HYPERSTYLE_DELTAS")
+    RETURN_NAMES = ("latent", "deltas")
+    FUNCTION = "sweep"
+    CATEGORY = CATEGORY
+
+    def sweep(self, latent, direction, layer_start, layer_end, strength_from, strength_to, steps, deltas=None):
+        return ops.edit_sweep(latent, direction, strength_from, strength_to, steps, layer_start, layer_end, deltas)
+
+
+def _output_dir():
+    try:
+        import folder_paths
+        return folder_paths.get_output_directory()
+    except ImportError:
+        return "output"
+
+
+class HyperStyleSaveInversion:
+    DESCRIPTION = "Saves codes + offsets + model id to one .safetensors file in output/hyperstyle/, never overwriting."
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Codes to save."}),
+            "filename_prefix": ("STRING", {"default": "hyperstyle/inversion", "tooltip": "Path under the output "
+                                                                                         "folder."}),
+        }, "optional": {"deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "Offsets to save with the codes."})}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+
+    def save(self, latent, filename_prefix, deltas=None):
+        path = ops.save_inversion(_output_dir(), filename_prefix, latent, deltas)
+        return {"ui": {"text": [str(path)]}, "result": (str(path),)}
+
+
+class HyperStyleLoadInversion:
+    DESCRIPTION = "Loads an inversion saved by Save Inversion (codes + offsets), to edit it again without inverting."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"inversion": (ops.saved_inversions(_output_dir()) or ["(none saved yet)"], {
+            "tooltip": "A .safetensors file under output/ written by Save Inversion."})}}
+
+    RETURN_TYPES = ("HYPERSTYLE_LATENT", "HYPERSTYLE_DELTAS")
+    RETURN_NAMES = ("latent", "deltas")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, inversion):
+        import os
+        return ops.load_inversion(os.path.join(_output_dir(), inversion))
+
+
 NODE_CLASS_MAPPINGS = {
     "HyperStyleLoader": HyperStyleLoader,
     "HyperStyleEncode": HyperStyleEncode,
     "HyperStyleRefine": HyperStyleRefine,
     "HyperStyleDecode": HyperStyleDecode,
     "HyperStyleLoadGenerator": HyperStyleLoadGenerator,
+    "HyperStyleAlignFace": HyperStyleAlignFace,
+    "HyperStylePasteBack": HyperStylePasteBack,
+    "HyperStyleApplyEdit": HyperStyleApplyEdit,
+    "HyperStyleEditSweep": HyperStyleEditSweep,
+    "HyperStyleSaveInversion": HyperStyleSaveInversion,
+    "HyperStyleLoadInversion": HyperStyleLoadInversion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -172,4 +342,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleRefine": "HyperStyle Refine",
     "HyperStyleDecode": "Decode",
     "HyperStyleLoadGenerator": "Load Generator (domain)",
+    "HyperStyleAlignFace": "Align Face",
+    "HyperStylePasteBack": "Paste Face Back",
+    "HyperStyleApplyEdit": "Apply Edit Direction",
+    "HyperStyleEditSweep": "Edit Sweep",
+    "HyperStyleSaveInversion": "Save Inversion",
+    "HyperStyleLoadInversion": "Load Inversion",
 }

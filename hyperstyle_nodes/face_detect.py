@@ -100,10 +100,14 @@ class FaceDetector:
 
     def __init__(self, network: torch.nn.Module, network_name: str, device: torch.device,
                  max_detect_side: int = 1024):
-        self.network = network
+        self.network = network.to(device)
         self.network_name = network_name
-        self.device = device
         self.max_detect_side = int(max_detect_side)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are now (a model manager may move them between uses)."""
+        return next(self.network.parameters()).device
 
     @torch.no_grad()
     def detect(self, image: ImageLike, threshold: float = 0.9) -> List[Face]:

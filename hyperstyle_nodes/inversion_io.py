@@ -211,3 +211,12 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
         for layer in delta_layers:
             deltas[layer] = reader.get_tensor(f"delta.{layer}")
     return codes, deltas, metadata
+
+
+def is_inversion_file(path) -> bool:
+    """True for a .safetensors file written by `save_inversion` (reads only its header)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    except Exception:  # unreadable or not safetensors: not an inversion
+        return False

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
+from . import editing, inversion_io
 from .downloads import resolve
+from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
 from .model import HyperStyleModel, load_generator, load_hyperstyle
 from .stylegan2 import Generator
@@ -153,6 +155,18 @@ def load_domain_generator(name: str, device: str = "auto", precision: str = "aut
     return LoadedGenerator(handle=handle, name=path.name, resolution=handle.model.size)
 
 
+def load_detector(name: str = "retinaface_resnet50", device: str = "auto") -> FaceDetector:
+    """RetinaFace weights through the registry/models folder (never facexlib's own downloader)."""
+    manager = get_manager()
+    torch_device = manager.get_device(device)
+    path = resolve(name, kind="face_detector")
+    network = "mobilenet0.25" if "mobilenet" in path.name.lower() else "resnet50"
+    handle = manager.load(("face_detector", file_identity(path), network),
+                          lambda: load_face_detector(path, network, device="cpu"), device=torch_device)
+    handle.use()
+    return handle.model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Encode / refine / decode
 
@@ -254,3 +268,100 @@ def domain_adaptation_deltas(deltas: Optional[list]) -> Optional[list]:
     if deltas is None:
         return None
     return [d if i in DOMAIN_ADAPTATION_LAYERS else None for i, d in enumerate(deltas)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits
+
+
+def direction_choices() -> list:
+    """Registry directions (InterFaceGAN, GANSpace) and the user's files in models/hyperstyle/directions/."""
+    from .downloads import list_local_models, models_dir
+    names = [n for n in list_local_models("direction") + list_local_models("ganspace") if "/" not in n]
+    names = [n for n in dict.fromkeys(names) if not n.endswith((".pt", ".pth", ".npy", ".safetensors"))]
+    return names + [f"directions/{f}" for f in editing.list_direction_files(models_dir() / "directions")]
+
+
+def _style_range(start: int, end: int, n_styles: int) -> tuple:
+    return (start, n_styles if end < 0 else end)
+
+
+def load_edit(direction: str, n_styles: int, style_dim: int):
+    """('direction', tensor) or ('ganspace', GanspacePCA) for a registry name or a file."""
+    path = resolve(direction)
+    try:
+        return "direction", editing.load_direction(path, n_styles=n_styles, style_dim=style_dim)
+    except ValueError as direction_error:
+        try:
+            return "ganspace", editing.load_ganspace(path)
+        except Exception:
+            raise direction_error from None
+
+
+def apply_edit(latent: Latent, direction: str, strength: float, layer_start: int = 0, layer_end: int = -1,
+               ganspace_component: int = 0) -> Latent:
+    """Move the codes along a direction (offsets are untouched: that is why HyperStyle edits keep identity)."""
+    codes = latent.codes
+    n_styles, style_dim = codes.shape[1], codes.shape[2]
+    kind, edit = load_edit(direction, n_styles, style_dim)
+    start, end = _style_range(layer_start, layer_end, n_styles)
+    if kind == "ganspace":
+        edited = editing.apply_ganspace(codes, edit, ganspace_component, start, min(end, n_styles), strength)
+    else:
+        edited = editing.apply_direction(codes, edit, strength, (start, end))
+    return Latent(edited, latent.model_id)
+
+
+def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to: float, steps: int,
+               layer_start: int = 0, layer_end: int = -1, offsets: Optional[Offsets] = None) -> tuple:
+    """One latent batch -> a batch over a strength range (strength-major), with offsets repeated to match."""
+    codes = latent.codes
+    kind, edit = load_edit(direction, codes.shape[1], codes.shape[2])
+    strengths = editing.linspace_strengths(strength_from, strength_to, steps)
+    start, end = _style_range(layer_start, layer_end, codes.shape[1])
+    if kind == "ganspace":
+        edited = torch.cat([editing.apply_ganspace(codes, edit, 0, start, min(end, codes.shape[1]), s)
+                            for s in strengths])
+    else:
+        edited = editing.sweep(codes, edit, strengths, (start, end))
+    swept = None
+    if offsets is not None:
+        _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
+        deltas = offsets.deltas
+        if offsets.batch != latent.batch:  # one set of offsets for every latent
+            deltas = [None if d is None else d.expand(latent.batch, *d.shape[1:]) for d in deltas]
+        swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id)
+    return Latent(edited, latent.model_id), swept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved inversions
+
+
+def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offsets] = None):
+    """Codes + offsets + model id -> `<folder>/<prefix>_00001.safetensors` (never overwrites)."""
+    from pathlib import Path
+    codes, deltas = latent.codes, []
+    if offsets is not None:  # a file holds matching batches: expand a batch of 1 on either side
+        batch = _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
+        codes = codes.expand(batch, -1, -1)
+        deltas = [None if d is None else d.expand(batch, *d.shape[1:]) for d in offsets.deltas]
+    target = Path(folder) / f"{prefix}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False)
+
+
+def load_inversion(path) -> tuple:
+    codes, deltas, meta = inversion_io.load_inversion(path)
+    model_id = meta.get("model_id", "")
+    return Latent(codes, model_id), (Offsets(deltas, model_id) if any(d is not None for d in deltas) else None)
+
+
+def saved_inversions(folder) -> list:
+    """Inversion files under `folder` (relative paths), newest first, for a dropdown."""
+    from pathlib import Path
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    files = [p for p in root.rglob("*.safetensors") if inversion_io.is_inversion_file(p)]
+    return [str(p.relative_to(root)) for p in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)]
