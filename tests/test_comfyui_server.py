@@ -11,16 +11,24 @@ import re
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from comfy_server import REPO_ROOT, ComfyServer, comfyui_dir
+from conftest import _assets_root
+
+ASSETS = _assets_root()
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
                                                                "real-server tests")
 WORKFLOWS = REPO_ROOT / "example_workflows"
-NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode"]
+NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode", "HyperStyleAlignFace",
+            "HyperStylePasteBack", "HyperStyleApplyEdit", "HyperStyleEditSweep", "HyperStyleLoadGenerator",
+            "HyperStyleSaveInversion", "HyperStyleLoadInversion"]
 TINY = {"hyperstyle_ffhq": "tiny_hyperstyle.pt", "faces_w_encoder": "tiny_w_encoder.pt",
-        "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt"}
+        "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt",
+        "retinaface_resnet50": "retinaface_mobilenet0.25.pth",
+        "interfacegan_age": "directions/tiny_age.pt"}  # tiny models have 64-d codes: a 64-d direction
 
 
 def load_workflow(name: str) -> dict:
@@ -40,6 +48,12 @@ def server(tmp_path_factory, tiny_ckpts):
     for name, path in tiny_ckpts.items():
         shutil.copy(path, base / "models" / "hyperstyle" / f"tiny_{name}.pt")
     Image.new("RGB", (256, 256), (180, 140, 120)).save(base / "input" / "aligned_face.png")
+    models = base / "models" / "hyperstyle"
+    (models / "directions").mkdir()
+    torch.save(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), models / "directions" / "tiny_age.pt")
+    if ASSETS.is_dir():  # the full edit workflow needs a real photo and real detector weights
+        shutil.copy(ASSETS / "models/retinaface/retinaface_mobilenet0.25.pth", models)
+        shutil.copy(ASSETS / "testdata/faces/portrait_b.jpg", base / "input" / "photo.png")
     with srv:
         yield srv
 
@@ -81,6 +95,17 @@ def test_invert_and_reconstruct_workflow(server):
     path = server.base / "output" / saved["subfolder"] / saved["filename"]
     assert path.is_file() and Image.open(path).size == (128, 128)
     print(f"saved {path}")
+
+
+def test_full_edit_workflow(server, assets_dir):
+    """load image -> align -> encode -> refine -> edit -> decode -> paste back -> save, through /prompt."""
+    entry = server.run_prompt(load_workflow("edit_photo_api.json"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["9"]["images"][0]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    original = Image.open(server.base / "input" / "photo.png")
+    assert path.is_file() and Image.open(path).size == original.size
+    print(f"edited photo: {path}")
 
 
 def test_model_stays_resident_and_unload_releases_it(server):
