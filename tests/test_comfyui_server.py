@@ -161,3 +161,14 @@ def test_mismatched_batches_and_rgba_images(server):
     rgba["3"]["inputs"]["image"] = ["12", 0]
     rgba["4"]["inputs"]["image"] = ["12", 0]
     assert server.run_prompt(rgba)["status"]["status_str"] == "success"
+
+
+def test_no_face_is_a_clear_execution_error(server, assets_dir):
+    prompt = load_workflow("edit_photo_api.json")
+    prompt["1"]["inputs"]["image"] = "aligned_face.png"  # a flat colour: no face
+    err = error_of(server.run_prompt(prompt))
+    assert err["node_type"] == "HyperStyleAlignFace"
+    assert err["exception_type"].endswith("NoFaceError")
+    assert "no face found in batch image 0" in err["exception_message"] and "center_crop" in err["exception_message"]
+    prompt["2"]["inputs"]["on_no_face"] = "center_crop"
+    assert server.run_prompt(prompt)["status"]["status_str"] == "success"

@@ -289,9 +289,9 @@ REAL_COMFYUI_SCRIPT = textwrap.dedent("""
 
 
 def test_with_a_real_comfyui_checkout():
-    comfy_dir = os.environ.get("HYPERSTYLE_COMFYUI_DIR")
+    comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
-        pytest.skip("set HYPERSTYLE_COMFYUI_DIR to a ComfyUI checkout (its requirements installed) to run this")
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (its requirements installed) to run this")
     result = subprocess.run([sys.executable, "-c", REAL_COMFYUI_SCRIPT, comfy_dir, str(REPO_ROOT)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
