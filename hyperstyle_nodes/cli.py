@@ -92,7 +92,7 @@ def run_edit(args) -> int:
     # heavy imports after argument parsing, so --help is instant
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
     from tqdm import tqdm
 
     from . import alignment, ops
@@ -126,7 +126,8 @@ def run_edit(args) -> int:
     done, no_face, failed = 0, [], []
     for path in tqdm(photos, desc="HyperStyle", unit="photo"):
         try:
-            image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()[None] / 255
+            with Image.open(path) as photo:  # phones store rotation in EXIF; ComfyUI's Load Image applies it too
+                image = torch.from_numpy(np.array(ImageOps.exif_transpose(photo).convert("RGB"))).float()[None] / 255
             faces, records = alignment.align_batch(image, detector, args.align_size, args.faces, 0, args.threshold,
                                                    "error")
             latent, _ = ops.encode(model, faces)

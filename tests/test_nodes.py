@@ -120,3 +120,37 @@ def test_domain_generator_uses_offsets_only_on_the_official_layers(model, in_mod
     # the tiny model tunes 0..15; the official rule keeps 14, 15, 17, 18, 20, 21, 23, 24 only
     assert seen["layers"] == [14, 15] and seen["generator"] is gen.handle.model
     assert ops.domain_adaptation_deltas(list(range(26)))[13] is None
+
+
+def test_refine_reports_progress_and_can_be_cancelled(model, monkeypatch):
+    """Inside ComfyUI, Refine advances a ProgressBar per iteration and stops when the user cancels."""
+    import sys
+    import types
+
+    updates = []
+
+    class FakeBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            updates.append(value)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_two():
+        if len(updates) >= 2:
+            raise Interrupted("cancelled by the user")
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=FakeBar)
+    comfy.model_management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupt_after_two)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    images = comfy_images(1)
+    latent, _ = ops.encode(model, images)
+    with pytest.raises(Interrupted):
+        pack_nodes.HyperStyleRefine().refine(model, images, latent, 5)
+    assert updates == [1, 2]
