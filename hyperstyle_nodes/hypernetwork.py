@@ -10,8 +10,7 @@ Module and parameter names match the released `hyperstyle_ffhq.pt` (`hypernet.*`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -11,9 +11,10 @@ Training uses the same modules and `refine_step`; there is no second copy of any
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,7 @@ class HyperStyleModel(nn.Module):
         offset = latent_avg if encoder_latent_avg is None else encoder_latent_avg
         self.register_buffer("encoder_latent_avg", _as_styles(offset, generator.n_styles))
         self.name = name
+        self._chunk_limit: Optional[int] = None  # largest chunk known to fit, after an out-of-memory retry
 
     # ---- properties --------------------------------------------------------------------------------------------
     @property
@@ -129,20 +131,63 @@ class HyperStyleModel(nn.Module):
     @torch.no_grad()
     def invert(self, images: torch.Tensor, n_iters: int = 5, codes: Optional[torch.Tensor] = None,
                deltas: Optional[Deltas] = None, keep_steps: bool = True,
-               on_step: Optional[Callable[[int, int], None]] = None) -> Inversion:
+               on_step: Optional[Callable[[int, int], None]] = None, max_batch: Optional[int] = None) -> Inversion:
         """Invert face-aligned images [B, 3, H, W] in [0, 1] (resized to 256 inside).
 
         codes/deltas: start from an earlier inversion (e.g. to refine further) instead of the initial encoder.
-        A batch of 1 code/offset set broadcasts against B images. on_step(i, n_iters) is called after each
-        iteration (progress bars, cancellation).
+        A batch of 1 code/offset set broadcasts against B images. on_step(i, total) is called after each
+        iteration (progress bars, cancellation); over several chunks it counts the iterations of all of them.
+        max_batch: most images per chunk (default: what free GPU memory allows). A chunk that runs out of memory is
+        retried in halves; every image's result is the same as running it alone. With several chunks the results
+        are gathered on the device of `images`, so a large batch never needs all its results in GPU memory.
         """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images as [B, 3, H, W] RGB in [0, 1], got shape {list(images.shape)}")
+        batch = images.shape[0]
+        codes = None if codes is None else _match_batch(codes, batch, "codes")
+        deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")
+                                              for d in deltas]
+
+        def run(start, end, chunk_index, n_chunks):
+            def progress(i, n):
+                if on_step is not None:
+                    on_step(chunk_index * n + i, n_chunks * n)
+            return self._invert_chunk(images[start:end], n_iters, None if codes is None else codes[start:end],
+                                      slice_deltas(deltas, start, end), keep_steps, progress)
+
+        parts = self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=True), images.device)
+        if len(parts) == 1:
+            return parts[0]
+        return Inversion(codes=torch.cat([p.codes for p in parts]),
+                         deltas=[None if d is None else torch.cat([p.deltas[i] for p in parts])
+                                 for i, d in enumerate(parts[0].deltas)],
+                         images=torch.cat([p.images for p in parts]),
+                         steps=[torch.cat(s) for s in zip(*[p.steps for p in parts])])
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, deltas: Optional[Deltas] = None, generator: Optional[Generator] = None,
+               noise_mode: str = "const", max_batch: Optional[int] = None) -> torch.Tensor:
+        """Codes (+ offsets) -> [B, 3, R, R] in [0, 1]. deltas=None decodes with the unmodified generator.
+        Chunked like `invert`."""
+        batch = codes.shape[0]
+        deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")
+                                              for d in deltas]
+
+        def run(start, end, chunk_index, n_chunks):
+            chunk = codes[start:end].to(self.device, self.dtype)
+            chunk_deltas = slice_deltas(deltas, start, end)
+            chunk_deltas = None if chunk_deltas is None else [None if d is None else d.to(self.device)
+                                                              for d in chunk_deltas]
+            return to_unit_range(self.synthesize(chunk, chunk_deltas, noise_mode, generator))
+
+        return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False), codes.device))
+
+    def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
-        batch = x.shape[0]
         if codes is None:
             codes = self.encode_normalized(x)
-        codes = _match_batch(codes.to(self.device, self.dtype), batch, "codes")
-        deltas = None if deltas is None else [None if d is None else _match_batch(d.to(self.device), batch, "offsets")
-                                              for d in deltas]
+        codes = codes.to(self.device, self.dtype)
+        deltas = None if deltas is None else [None if d is None else d.to(self.device) for d in deltas]
         y = self.synthesize(codes, deltas)
         y_hat = pool_to(y)
         steps = [to_unit_range(y_hat)] if keep_steps else []
@@ -157,11 +202,58 @@ class HyperStyleModel(nn.Module):
             deltas = [None] * self.generator.n_layers
         return Inversion(codes=codes, deltas=deltas, images=to_unit_range(y), steps=steps)
 
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor, deltas: Optional[Deltas] = None, generator: Optional[Generator] = None,
-               noise_mode: str = "const") -> torch.Tensor:
-        """Codes (+ offsets) -> [B, 3, R, R] in [0, 1]. deltas=None decodes with the unmodified generator."""
-        return to_unit_range(self.synthesize(codes.to(self.dtype), deltas, noise_mode, generator))
+    # ---- large batches -----------------------------------------------------------------------------------------
+    def _in_chunks(self, batch: int, max_batch: Optional[int], run: Callable, per_image: int, gather) -> list:
+        """run(start, end, chunk_index, n_chunks) over chunks of the batch, halving a chunk that runs out of memory."""
+        size = max_batch or self._auto_chunk(batch, per_image)
+        if self._chunk_limit is not None and max_batch is None:
+            size = min(size, self._chunk_limit)
+        size = max(1, min(size, batch))
+        parts, start = [], 0
+        while start < batch:
+            end = min(batch, start + size)
+            try:
+                part = run(start, end, start // size, -(-batch // size))
+            except torch.cuda.OutOfMemoryError:
+                if end - start == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                size = (end - start) // 2
+                self._chunk_limit = size  # remembered: the next large batch starts at a size that fits
+                warnings.warn(f"out of GPU memory; continuing in chunks of {size} images")
+                continue
+            parts.append(_to_device(part, gather) if size < batch else part)
+            start = end
+        return parts
+
+    def _auto_chunk(self, batch: int, per_image: int) -> int:
+        if self.device.type != "cuda":
+            return batch
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(1, int(0.8 * free) // per_image)
+
+    def _bytes_per_image(self, inverting: bool) -> int:
+        """Rough peak memory per image: a few of the largest activations, per-sample weights (fp32) and offsets."""
+        size = torch.finfo(self.dtype).bits // 8
+        config = self.generator.config
+        largest = max(c * (4 << i) ** 2 for i, c in enumerate(config.channels))
+        weights = sum(k * k * c_in * c_out for k, c_in, c_out in config.layer_shapes)
+        estimate = 5 * largest * size + 3 * 4 * weights
+        if inverting:
+            offsets = sum(k * k * c_in * c_out for layer, (k, c_in, c_out) in enumerate(config.layer_shapes)
+                          if self.hypernet.refinement_blocks[layer] is not None)
+            estimate += 3 * offsets * size + 64 * 128 * 128 * size * 8  # offsets; hypernet activations
+        return estimate
+
+
+def _to_device(result, device):
+    if isinstance(result, Inversion):
+        return Inversion(codes=result.codes.to(device), images=result.images.to(device),
+                         deltas=[None if d is None else d.to(device) for d in result.deltas],
+                         steps=[s.to(device) for s in result.steps])
+    return result.to(device)
 
 
 def _as_styles(latent_avg: torch.Tensor, n_styles: int) -> torch.Tensor:

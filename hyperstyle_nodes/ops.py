@@ -7,7 +7,7 @@ nothing stays on the GPU after a prompt except the models the manager keeps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

@@ -5,7 +5,6 @@
 Starts `python main.py --cpu` on 127.0.0.1 with the pack linked into custom_nodes and tiny checkpoints in
 models/hyperstyle/, then drives it through its HTTP API like a user queuing prompts.
 """
-import copy
 import json
 import re
 import shutil

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 import nodes as pack_nodes
-from hyperstyle_nodes import ops
 
 
 @pytest.fixture()

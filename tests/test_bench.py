@@ -1,0 +1,70 @@
+"""CPU smoke test of benchmarks/bench_pipeline.py at a tiny size: it runs and writes well-formed JSON lines."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_pipeline_on_cpu(tmp_path):
+    out = tmp_path / "results.jsonl"
+    load_bench().main(["--device", "cpu", "--tiny", "--size", "32", "--batches", "1,2", "--precisions", "fp32,bf16",
+                       "--iters", "1", "--reps", "1", "--warmup", "1", "--chunk-check", "2",
+                       "--chunk-precisions", "fp32", "--out", str(out), "--table"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["kind"] == "env" and rows[0]["torch"]
+    timed = [r for r in rows if r["kind"] in ("invert+decode", "decode")]
+    assert {(r["kind"], r["batch"], r["precision"]) for r in timed} == {
+        (k, b, p) for k in ("invert+decode", "decode") for b in (1, 2) for p in ("fp32", "bf16")}
+    for r in timed:
+        assert r["ms_per_image"] > 0 and r["gpu"] == "cpu" and r["size"] == 32
+        assert {"peak_alloc_gib", "peak_reserved_gib"} <= set(r)
+    pipeline = {(r["batch"], r["precision"]): r for r in timed if r["kind"] == "invert+decode"}
+    assert pipeline[(1, "fp32")]["psnr_vs_fp32"] is None and pipeline[(2, "fp32")]["finite"]
+    assert pipeline[(2, "bf16")]["psnr_vs_fp32"] >= 30  # a real comparison, not a copy (that would be inf)
+    chunked = [r for r in rows if r["kind"] == "chunked"]
+    assert {r["mode"] for r in chunked} == {"auto", "forced"}
+    for r in chunked:
+        assert r["error"] is None and r["images_max_abs_diff"] <= 1e-5 and r["codes_max_abs_diff"] <= 1e-5
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_results(tiny_model, face_batch):
+    """Chunks that run out of GPU memory are retried in halves; the results equal one unchunked run (simulated on
+    the CPU: chunks of more than one image raise CUDA's out-of-memory error)."""
+    import warnings
+
+    import torch
+
+    images = torch.cat([face_batch, face_batch.flip(0), face_batch[:1]])  # 5 images
+    whole = tiny_model.invert(images, n_iters=2)
+    real_chunk = type(tiny_model)._invert_chunk
+    sizes = []
+
+    def tight(self, chunk, *args, **kwargs):
+        sizes.append(chunk.shape[0])
+        if chunk.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_chunk(self, chunk, *args, **kwargs)
+
+    steps = []
+    try:
+        type(tiny_model)._invert_chunk = tight
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chunked = tiny_model.invert(images, n_iters=2, max_batch=4, on_step=lambda i, n: steps.append((i, n)))
+    finally:
+        type(tiny_model)._invert_chunk = real_chunk
+        tiny_model._chunk_limit = None
+    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}
+    assert torch.allclose(chunked.images, whole.images, atol=1e-5)
+    assert torch.allclose(chunked.codes, whole.codes, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunked.deltas, whole.deltas) if a is not None)
+    assert len(chunked.steps) == 3 and chunked.steps[0].shape[0] == 5
+    assert steps[-1][0] == steps[-1][1]  # progress ends at 100%
