@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import nodes as pack_nodes
+from hyperstyle_nodes import ops
 
 
 @pytest.fixture()
@@ -75,3 +76,20 @@ def test_sweep_save_load(models_dir):
     assert torch.equal(loaded_latent.codes, latent.codes)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(loaded_deltas.deltas, deltas.deltas))
     assert loaded_latent.model_id == latent.model_id
+
+
+def test_ganspace_file_through_apply_edit(models_dir):
+    """A PCA file in the GANSpace layout (comp [K,1,D], std [K], mean [1,D]) is applied the way e4e does."""
+    g = torch.Generator().manual_seed(7)
+    comp = torch.nn.functional.normalize(torch.randn(4, 1, 64, generator=g), dim=-1)
+    pca = {"comp": comp, "std": torch.rand(4, generator=g) + 0.5, "mean": torch.randn(1, 64, generator=g)}
+    torch.save(pca, models_dir / "directions" / "tiny_pca.pt")
+    codes = torch.randn(2, 12, 64, generator=g)
+    latent = ops.Latent(codes, "tiny")
+    (edited,) = pack_nodes.HyperStyleApplyEdit().edit(latent, "directions/tiny_pca.pt", 2, 5, 1.5, 1)
+    c, s = pca["comp"][1, 0], pca["std"][1]
+    coord = ((codes[:, 0] - pca["mean"][0]) @ c) / s  # e4e: projection of the first style vector
+    expected = codes.clone()
+    expected[:, 2:5] += ((1.5 - coord)[:, None] * c * s)[:, None, :]
+    assert torch.allclose(edited.codes, expected, atol=1e-5)
+    assert torch.equal(edited.codes[:, :2], codes[:, :2]) and torch.equal(edited.codes[:, 5:], codes[:, 5:])
