@@ -5,13 +5,14 @@ Node ids (the class names in NODE_CLASS_MAPPINGS) are public API: saved workflow
 from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
-    from .hyperstyle_nodes import alignment, downloads, ops
+    from .hyperstyle_nodes import alignment as face_alignment
+    from .hyperstyle_nodes import downloads, ops
     from .hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 except ImportError:  # imported as a top-level module (tests, scripts)
-    from hyperstyle_nodes import alignment, downloads, ops
+    from hyperstyle_nodes import alignment as face_alignment
+    from hyperstyle_nodes import downloads, ops
     from hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 
-_alignment = alignment  # the Paste Face Back input is also called `alignment`
 CATEGORY = "HyperStyle"
 ALIGNED_FACE_TIP = ("Face-aligned photo(s) (use Align Face first). Any size or aspect is resized to 256x256 for the "
                     "encoders; grayscale is used as RGB and an alpha channel is ignored.")
@@ -26,9 +27,9 @@ def _comfy_progress(total: int):
         return None
     bar = comfy.utils.ProgressBar(total)
 
-    def on_step(done: int, _total: int) -> None:
+    def on_step(done: int, of: int) -> None:  # `of` counts the iterations of every chunk of a large batch
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
+        bar.update_absolute(done, of)
 
     return on_step
 
@@ -118,8 +119,8 @@ class HyperStyleDecode:
         return {"required": {
             "model": ("HYPERSTYLE_MODEL", {"tooltip": "From Load HyperStyle."}),
             "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Codes to decode (edited or not)."}),
-            "output_size": (["native", "512", "256"], {"default": "native",
-                                                       "tooltip": "native: the generator's resolution (1024 for FFHQ)."}),
+            "output_size": (["native", "512", "256"], {
+                "default": "native", "tooltip": "native: the generator's resolution (1024 for FFHQ)."}),
         }, "optional": {
             "deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "HyperStyle offsets; leave empty for the plain generator."}),
             "generator": ("HYPERSTYLE_GENERATOR", {"tooltip": "Another domain's generator of the same architecture "
@@ -170,14 +171,16 @@ class HyperStyleAlignFace:
             "detector": (_models("face_detector"), {"tooltip": "RetinaFace weights: resnet50 (accurate) or "
                                                                "mobilenet0.25 (fast); downloaded on first use."}),
             "output_size": (["1024", "512", "256"], {"default": "1024", "tooltip": "Size of the aligned square."}),
-            "selection": (list(alignment.SELECTIONS), {"default": "largest", "tooltip": "largest: one face per photo; "
-                          "index: the face_index-th largest; all: every face (a group photo becomes a batch)."}),
+            "selection": (list(face_alignment.SELECTIONS), {
+                "default": "largest", "tooltip": "largest: one face per photo; index: the face_index-th largest; "
+                                                 "all: every face (a group photo becomes a batch)."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "With selection=index: 0 is the "
                                                                                  "largest face."}),
             "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
                                     "tooltip": "Detection confidence; lower it if a face is missed."}),
-            "on_no_face": (list(alignment.NO_FACE_ACTIONS), {"default": "error", "tooltip": "error: stop with a "
-                           "message; center_crop: pass the photo through as a centred square crop."}),
+            "on_no_face": (list(face_alignment.NO_FACE_ACTIONS), {
+                "default": "error", "tooltip": "error: stop with a message; center_crop: pass the photo through as a "
+                                               "centred square crop."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "HYPERSTYLE_ALIGNMENT")
@@ -186,7 +189,7 @@ class HyperStyleAlignFace:
     CATEGORY = CATEGORY
 
     def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face):
-        faces, records = alignment.align_batch(image, ops.load_detector(detector), int(output_size), selection,
+        faces, records = face_alignment.align_batch(image, ops.load_detector(detector), int(output_size), selection,
                                                face_index, threshold, on_no_face)
         return faces, records
 
@@ -211,7 +214,7 @@ class HyperStylePasteBack:
     CATEGORY = CATEGORY
 
     def paste(self, original, face, alignment, feather):
-        return _alignment.paste_back_batch(original, face, alignment, feather)
+        return face_alignment.paste_back_batch(original, face, alignment, feather)
 
 
 def _edit_inputs():
