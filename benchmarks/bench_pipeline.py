@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hyperstyle_nodes.encoders import EncoderConfig, build_encoder  # noqa: E402
 from hyperstyle_nodes.hypernetwork import HyperNetwork, HypernetConfig  # noqa: E402
 from hyperstyle_nodes.model import HyperStyleModel, load_hyperstyle  # noqa: E402
-from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig  # noqa: E402
+from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, set_compile  # noqa: E402
 from hyperstyle_nodes.tiny import (randomize_, tiny_encoder_config, tiny_generator_config,  # noqa: E402
                                    tiny_hypernet_config, write_tiny_checkpoints)
 
@@ -140,7 +140,8 @@ class Report:
 def bench_precision(master, precision, args, device, images, reference, report):
     dtype = DTYPES[precision]
     with precision_flags(precision):
-        model = copy.deepcopy(master).to(device=device, dtype=dtype)
+        model = copy.deepcopy(master).to(device=device, dtype=dtype).channels_last_()
+        model.cuda_graphs = args.graphs
         for batch in args.batches:
             x = images[:batch].to(device)
             reset_memory(model, device)
@@ -192,7 +193,8 @@ def chunk_check(master, args, device, report):
     images = test_images(n, seed=99)
     for precision in args.chunk_precisions:
         with precision_flags(precision):
-            model = copy.deepcopy(master).to(device=device, dtype=DTYPES[precision])
+            model = copy.deepcopy(master).to(device=device, dtype=DTYPES[precision]).channels_last_()
+            model.cuda_graphs = args.graphs
             singles = [model.invert(images[i:i + 1].to(device), n_iters=args.iters, keep_steps=False)
                        for i in range(n)]
             single_images = torch.cat([s.images.cpu() for s in singles])
@@ -266,7 +268,8 @@ def profile(master, args, device):
 
     for precision in args.precisions:
         with precision_flags(precision):
-            model = copy.deepcopy(master).to(device=device, dtype=DTYPES[precision])
+            model = copy.deepcopy(master).to(device=device, dtype=DTYPES[precision]).channels_last_()
+            model.cuda_graphs = False  # the profiler cannot see inside graphs
             for batch in args.batches:
                 x = test_images(batch).to(device)
                 for _ in range(2):
@@ -315,6 +318,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the top kernels of one eager inversion")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--skip-bench", action="store_true", help="only the checks")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="no torch.compile of the elementwise steps (eager PyTorch only)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA graphs")
     p.add_argument("--label", default="", help="free text added to every line")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
     p.add_argument("--table", action="store_true", help="print a markdown table at the end")
@@ -324,13 +330,14 @@ def main(argv=None):
     args.chunk_precisions = args.chunk_precisions.split(",")
     args.parity_sizes = [int(s) for s in args.parity_sizes.split(",")]
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    set_compile(args.compile)
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = Report(args.out, {"gpu": gpu, "size": args.size, "tiny": args.tiny, "cudnn_benchmark": args.cudnn_benchmark,
-                               "label": args.label})
+                               "compile": args.compile, "graphs": args.graphs, "label": args.label})
     report(kind="env", torch=torch.__version__, cuda=torch.version.cuda,
            cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
            default_tf32_conv=torch.backends.cudnn.allow_tf32, default_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,

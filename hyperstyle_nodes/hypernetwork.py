@@ -206,6 +206,19 @@ class HyperNetwork(nn.Module):
                 heads.append(ChannelHead(shape, w[-1], config.head_channels, config.feature_dim))
         self.refinement_blocks = nn.ModuleList(heads)
 
+    def tuned_layers(self) -> list:
+        return [i for i, head in enumerate(self.refinement_blocks) if head is not None]
+
+    def offset_shapes(self, batch: int) -> dict:
+        """Shape of the offsets forward() returns for each tuned layer (compact [B, out, in] for per-channel heads)."""
+        shapes = {}
+        for i in self.tuned_layers():
+            k, c_in, c_out = self.config.layer_shapes[i]
+            head = self.refinement_blocks[i]
+            compact = isinstance(head, ChannelHead) and k == 3
+            shapes[i] = (batch, c_out, c_in) if compact else (batch, c_out, c_in, k, k)
+        return shapes
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.relu(self.bn1(self.conv1(x))))
 

@@ -11,6 +11,7 @@ Training uses the same modules and `refine_step`; there is no second copy of any
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints as ckpts
+from .cuda_graphs import GraphCache, weights_signature
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
 from .stylegan2 import Generator
@@ -74,6 +76,9 @@ class HyperStyleModel(nn.Module):
         self.register_buffer("encoder_latent_avg", _as_styles(offset, generator.n_styles))
         self.name = name
         self._chunk_limit: Optional[int] = None  # largest chunk known to fit, after an out-of-memory retry
+        self.cuda_graphs = True  # replay recorded CUDA graphs at inference (see cuda_graphs.py)
+        self._graph_cache: Optional[GraphCache] = None
+        self._graph_weights: tuple = ()
 
     # ---- properties --------------------------------------------------------------------------------------------
     @property
@@ -178,29 +183,102 @@ class HyperStyleModel(nn.Module):
             chunk_deltas = slice_deltas(deltas, start, end)
             chunk_deltas = None if chunk_deltas is None else [None if d is None else d.to(self.device)
                                                               for d in chunk_deltas]
-            return to_unit_range(self.synthesize(chunk, chunk_deltas, noise_mode, generator))
+            graphs = self._graphs() if generator is None and noise_mode == "const" else None
+            if graphs is None:
+                return to_unit_range(self.synthesize(chunk, chunk_deltas, noise_mode, generator))
+            layers = tuple(i for i, d in enumerate(chunk_deltas or []) if d is not None)
+            inputs = [chunk] + [chunk_deltas[i].expand(chunk.shape[0], *chunk_deltas[i].shape[1:]) for i in layers]
+            decode = functools.partial(self._graphed_decode, layers)
+            return to_unit_range(graphs.run(("decode", layers), decode, inputs))
 
         return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False), codes.device))
 
     def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
-        if codes is None:
-            codes = self.encode_normalized(x)
-        codes = codes.to(self.device, self.dtype)
-        deltas = None if deltas is None else [None if d is None else d.to(self.device) for d in deltas]
-        y = self.synthesize(codes, deltas)
-        y_hat = pool_to(y)
-        steps = [to_unit_range(y_hat)] if keep_steps else []
-        for i in range(n_iters):
-            deltas, y = self.refine_step(x, y_hat, codes, deltas)
+        graphs = self._graphs()
+        if graphs is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if codes is None and deltas is None and graphs is not None and self.encoder is not None:
+            codes, y, y_hat = graphs.run("start", self._start, [x])
+        else:
+            if codes is None:
+                codes = self.encode_normalized(x)
+            codes = codes.to(self.device, self.dtype)
+            deltas = None if deltas is None else [None if d is None else d.to(self.device) for d in deltas]
+            y = self.synthesize(codes, deltas)
             y_hat = pool_to(y)
+        steps = [to_unit_range(y_hat)] if keep_steps else []
+        if graphs is not None and n_iters > 0:
+            # every tuned layer gets a tensor (zeros before the first pass: 0 + offset == offset exactly)
+            layers = self.hypernet.tuned_layers()
+            shapes = self.hypernet.offset_shapes(x.shape[0])
+            if deltas is None:
+                deltas = [None] * self.generator.n_layers
+            flat = [torch.zeros(shapes[i], device=self.device, dtype=self.dtype) if deltas[i] is None
+                    else deltas[i].to(self.device, self.dtype).expand(shapes[i]) for i in layers]
+        for i in range(n_iters):
+            if graphs is not None:
+                flat, y, y_hat = graphs.run("step", self._graphed_step, [x, y_hat, codes, *flat])
+            else:
+                deltas, y = self.refine_step(x, y_hat, codes, deltas)
+                y_hat = pool_to(y)
             if keep_steps:
                 steps.append(to_unit_range(y_hat))
             if on_step is not None:
                 on_step(i + 1, n_iters)
+        if graphs is not None:  # the graph's buffers are overwritten by its next replay: keep copies
+            codes = codes.clone()
+            if n_iters > 0:
+                deltas = [None] * self.generator.n_layers
+                for layer, d in zip(self.hypernet.tuned_layers(), flat):
+                    deltas[layer] = d.clone()
         if deltas is None:
             deltas = [None] * self.generator.n_layers
         return Inversion(codes=codes, deltas=deltas, images=to_unit_range(y), steps=steps)
+
+    # ---- CUDA graphs (inference on a GPU) ----------------------------------------------------------------------
+    def _graphs(self) -> Optional[GraphCache]:
+        """The model's graph cache, or None where graphs do not apply (CPU, autograd, training, turned off)."""
+        if not (self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled()
+                and not self.training):
+            return None
+        signature = weights_signature(self)
+        if self._graph_cache is None or signature != self._graph_weights:
+            self._graph_cache, self._graph_weights = GraphCache(self.device), signature
+        return self._graph_cache
+
+    def _graphed_decode(self, layers, codes, *flat):
+        deltas = None
+        if layers:
+            deltas = [None] * self.generator.n_layers
+            for layer, d in zip(layers, flat):
+                deltas[layer] = d
+        return self.synthesize(codes, deltas)
+
+    def _start(self, x):
+        codes = self.encode_normalized(x)
+        y = self.synthesize(codes)
+        return codes, y, pool_to(y)
+
+    def _graphed_step(self, x, y_hat, codes, *flat):
+        deltas = [None] * self.generator.n_layers
+        for layer, d in zip(self.hypernet.tuned_layers(), flat):
+            deltas[layer] = d
+        deltas, y = self.refine_step(x, y_hat, codes, deltas)
+        return [deltas[i] for i in self.hypernet.tuned_layers()], y, pool_to(y)
+
+    def channels_last_(self) -> "HyperStyleModel":
+        """Channels-last convolution weights in the encoder and hypernetwork: the layout cuDNN's fastest kernels use
+        (the generator packs its activations the same way). Same results."""
+        for part in (self.hypernet, self.encoder):
+            if part is not None:
+                part.to(memory_format=torch.channels_last)
+        self._graph_cache, self._graph_weights = None, ()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graph_cache, self._graph_weights = None, ()  # moved or cast weights: recorded graphs are stale
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- large batches -----------------------------------------------------------------------------------------
     def _in_chunks(self, batch: int, max_batch: Optional[int], run: Callable, per_image: int, gather) -> list:
@@ -217,6 +295,7 @@ class HyperStyleModel(nn.Module):
             except torch.cuda.OutOfMemoryError:
                 if end - start == 1:
                     raise
+                self._graph_cache = None  # recorded graphs hold their memory pool; free it before retrying
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 size = (end - start) // 2
@@ -326,4 +405,4 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
 
     model = HyperStyleModel(generator, hypernet, _latent_avg(main, generator), encoder, encoder_latent_avg,
                             name=Path(checkpoint).name)
-    return model.eval().to(device=device, dtype=dtype)
+    return model.eval().to(device=device, dtype=dtype).channels_last_()

@@ -11,7 +11,10 @@ modulation and demodulation. A delta is either full, [B, out, in, k, k], or comp
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -81,7 +84,79 @@ def check_size(size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plain-PyTorch replacements for the two CUDA ops of the official code (upfirdn2d, fused bias + leaky ReLU).
+# Speed without changing the math (see docs/speed.md for the measurements behind each choice).
+#
+# - Activations are "packed": [B, C, H, W] views of a channels-last [1, B*C, H, W] tensor (memory order H, W, B, C).
+#   A per-sample convolution is then one grouped convolution (groups = B) that reads the activations in place; on an
+#   H200 in bf16 it runs as fast as an ordinary convolution of the whole batch with one shared weight, so every 3x3
+#   layer folds style, offset and demodulation into per-sample weights and no pass over the activations is spent
+#   on modulation.
+# - The official upsampling layer is a stride-2 transposed convolution followed by a 4x4 blur (upfirdn2d). Both are
+#   linear in the input, so together they equal four ordinary 3x3 convolutions of the low-resolution input, one per
+#   output "phase" (row and column parity), whose kernels are the layer's kernel filtered by the blur taps. We run
+#   those as one convolution with 4x the output channels and interleave the phases in the step that adds noise and
+#   bias: no transposed convolution and no blur pass, which were 60% of the GPU time before.
+# - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights) are fused by
+#   torch.compile on CUDA when it is available (`fused`); everywhere else the same functions run eagerly.
+
+
+def separable_taps(kernel_2d: torch.Tensor) -> torch.Tensor:
+    """The 1-D taps u of a separable FIR kernel k = outer(u, u) (rosinality stores the 2-D kernel)."""
+    rows = kernel_2d.double().sum(dim=1)
+    return (rows / rows.sum() * kernel_2d.double().sum().sqrt()).float()
+
+
+def skip_upsample_phases(taps: torch.Tensor) -> torch.Tensor:
+    """[2 (output parity p), 3 (input offset d)]: FIR upsampling by 2 (upfirdn2d, up=2, pad=(2, 1)) as
+    y[2n + p] = sum_d x[n + d - 1] * S[p, d]. From y[i] = sum_m x[m] u[i + 1 - 2m]."""
+    s = torch.zeros(2, 3)
+    for p in range(2):
+        for d in range(3):
+            if 0 <= p + 3 - 2 * d < len(taps):
+                s[p, d] = taps[p + 3 - 2 * d]
+    return s
+
+
+def upconv_phases(taps: torch.Tensor) -> torch.Tensor:
+    """[2 (p), 3 (d), 3 (r)]: a stride-2 transposed 3x3 convolution followed by the blur (pad 1) as an ordinary
+    3x3 convolution (padding 1) per output parity p, y[2n + p] = sum_d x[n + d - 1] K_p[d], where
+    K_p[d] = sum_r A[p, d, r] w[r], along each axis. From y[i] = sum_m x[m] sum_r u[2m - i + 1 + r] w[r]
+    (the transposed conv puts x[m] w[r] at 2m + r; the symmetric blur reads t[i - 1 .. i + 2])."""
+    a = torch.zeros(2, 3, 3)
+    for p in range(2):
+        for d in range(3):
+            for r in range(3):
+                if 0 <= 2 * d - 1 - p + r < len(taps):
+                    a[p, d, r] = taps[2 * d - 1 - p + r]
+    return a
+
+
+class Blur(nn.Module):
+    """Holds the blur kernel of an upsampling conv (`conv.blur.kernel` in the checkpoints) and its phase form."""
+
+    def __init__(self, pad, gain: float = 1.0):
+        super().__init__()
+        self.register_buffer("kernel", blur_kernel_2d(gain=gain))
+        self.pad = pad
+        self.register_buffer("phases", upconv_phases(separable_taps(self.kernel)), persistent=False)
+
+
+class Upsample(nn.Module):
+    """2x FIR upsampling of the RGB skip branch (upfirdn2d with up=2), as a 3x3 depthwise conv of four phases."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        if factor != 2:
+            raise ValueError("StyleGAN2 upsamples by 2")
+        self.register_buffer("kernel", blur_kernel_2d(gain=factor ** 2))
+        self.register_buffer("phases", skip_upsample_phases(separable_taps(self.kernel)), persistent=False)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        s = self.phases.to(x.dtype)
+        kernels = (s[:, None, :, None] * s[None, :, None, :]).reshape(4, 1, 3, 3)  # (row parity, column parity)
+        # pixel_shuffle puts channel 4c + 2p + q at (2h + p, 2w + q) of channel c
+        return F.pixel_shuffle(F.conv2d(x, kernels.repeat(c, 1, 1, 1), padding=1, groups=c), 2)
 
 
 def blur_kernel_2d(taps: Sequence[float] = BLUR_KERNEL, gain: float = 1.0) -> torch.Tensor:
@@ -90,44 +165,152 @@ def blur_kernel_2d(taps: Sequence[float] = BLUR_KERNEL, gain: float = 1.0) -> to
     return k / k.sum() * gain
 
 
-def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad=(0, 0)) -> torch.Tensor:
-    """Upsample by zero insertion, pad, convolve with `kernel` (a true convolution, so flipped), downsample."""
+# ---- packed activations ----------------------------------------------------------------------------------------
+
+
+def packed_empty(b: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(h, w, b, c, dtype=like.dtype, device=like.device).permute(2, 3, 0, 1)
+
+
+def is_packed(x: torch.Tensor) -> bool:
     b, c, h, w = x.shape
-    if up > 1:
-        x = F.pad(x.reshape(b, c, h, 1, w, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(b, c, h * up, w * up)
-    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
-    weight = kernel.flip([0, 1]).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
-    return F.conv2d(x, weight, stride=down, groups=c)
+    expected = (c, 1, w * b * c, b * c)
+    return all(size == 1 or s == e for size, s, e in zip(x.shape, x.stride(), expected))
 
 
-def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """StyleGAN2's fused activation: leaky ReLU(x + bias) scaled by sqrt(2) to keep the signal's magnitude."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return F.leaky_relu(x + bias.view(shape).to(x.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in any layout -> packed (a copy unless it already is)."""
+    if is_packed(x):
+        return x
+    out = packed_empty(*x.shape, like=x)
+    out.copy_(x)
+    return out
 
 
-class Blur(nn.Module):
-    def __init__(self, pad, gain: float = 1.0):
-        super().__init__()
-        self.register_buffer("kernel", blur_kernel_2d(gain=gain))
-        self.pad = pad
-
-    def forward(self, x):
-        return upfirdn2d(x, self.kernel, pad=self.pad)
+def merged(x: torch.Tensor) -> torch.Tensor:
+    """Packed [B, C, H, W] -> the channels-last [1, B*C, H, W] view a grouped convolution reads."""
+    b, c, h, w = x.shape
+    return x.as_strided((1, b * c, h, w), (h * w * b * c, 1, w * b * c, b * c))
 
 
-class Upsample(nn.Module):
-    """2x FIR upsampling of the RGB skip branch."""
+def per_sample_conv(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """Packed x [B, C, H, W], weights [B, O, C, k, k] laid out as [B, O, k, k, C] -> [1, B*O, H', W'] channels-last."""
+    b, o, c, k = weight.shape[:4]
+    weight = weight.reshape(b * o, c, k, k)
+    out = F.conv2d(merged(x), weight, padding=padding, groups=b)
+    # callers index the result by its channels-last memory; a backend that answers in another layout gets copied
+    return out.contiguous(memory_format=torch.channels_last)
 
-    def __init__(self, factor: int = 2):
-        super().__init__()
-        self.register_buffer("kernel", blur_kernel_2d(gain=factor ** 2))
-        p = len(BLUR_KERNEL) - factor
-        self.factor = factor
-        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
-    def forward(self, x):
-        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+def channels_last_weight(shape: tuple, device, dtype) -> torch.Tensor:
+    """An empty [B, O, C, k, k] weight laid out as [B, O, k, k, C] (what channels-last convolutions read)."""
+    b, o, c, kh, kw = shape
+    return torch.empty(b, o, kh, kw, c, device=device, dtype=dtype).permute(0, 1, 4, 2, 3)
+
+
+# ---- fusion -----------------------------------------------------------------------------------------------------
+
+_COMPILE = {"enabled": os.environ.get("HYPERSTYLE_COMPILE", "1") != "0", "failed": False}
+
+
+def set_compile(enabled: bool) -> None:
+    """torch.compile the elementwise steps on CUDA (default on; HYPERSTYLE_COMPILE=0 turns it off)."""
+    _COMPILE["enabled"] = bool(enabled)
+
+
+def fused(fn):
+    """`fn` through torch.compile for CUDA tensors without autograd, eagerly otherwise. If compiling fails (no
+    Triton, an unsupported setup) it is reported once and everything stays eager: same results, slower."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        nonlocal compiled
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if (_COMPILE["enabled"] and not _COMPILE["failed"] and tensors[0].is_cuda and not torch.is_grad_enabled()):
+            if compiled is None:
+                if not _COMPILE.get("announced"):
+                    _COMPILE["announced"] = True
+                    print("HyperStyle: compiling the GPU kernels with torch.compile (the first run takes up to a minute "
+                          "longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
+                _raise_recompile_limit()
+                compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            try:
+                return compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, run eagerly
+                _COMPILE["failed"] = True
+                warnings.warn(f"torch.compile is unavailable ({type(err).__name__}: {str(err)[:200]}); running "
+                              "HyperStyle eagerly (same results, slower)")
+        return fn(*args)
+
+    return wrapper
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Each fused function sees a few dtypes, batch 1 or more and kinds of offset: more graphs than dynamo's default
+    limit of 8 per function."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if getattr(dynamo_config, name, limit) < limit:
+            setattr(dynamo_config, name, limit)
+
+
+def _noise_and_activation(y, noise, noise_weight, bias):
+    shape = (1, -1) + (1,) * (y.ndim - 2)
+    y = y + noise_weight.to(y.dtype) * noise.to(y.dtype)
+    return F.leaky_relu(y + bias.view(shape).to(y.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
+
+
+@fused
+def _styled_activation_into(out, y, noise, noise_weight, bias):
+    out.copy_(_noise_and_activation(y, noise, noise_weight, bias))
+
+
+def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.Tensor, bias: torch.Tensor,
+                      out: torch.Tensor) -> torch.Tensor:
+    """out = leaky_relu(y + noise_weight * noise + bias) * sqrt(2), written into `out` (y and out may be views in
+    different layouts: that is how the upsampling phases get interleaved). Returns out."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, noise_weight, bias)):
+        out.copy_(_noise_and_activation(y, noise, noise_weight, bias))  # copy_ keeps the graph for training
+    elif y.is_cuda and _COMPILE["enabled"] and not _COMPILE["failed"]:
+        _styled_activation_into(out, y, noise, noise_weight, bias)
+    else:  # eager: in place, four passes and no temporaries the size of the activations
+        shape = (1, -1) + (1,) * (y.ndim - 2)
+        torch.add(y, noise_weight.to(y.dtype) * noise.to(y.dtype), out=out)
+        out.add_(bias.view(shape).to(out.dtype))
+        F.leaky_relu_(out, LEAKY_SLOPE)
+        out.mul_(ACTIVATION_GAIN)
+    return out
+
+
+@fused
+def modulated_weight(weight: torch.Tensor, style: torch.Tensor, delta: Optional[torch.Tensor], demodulate: bool,
+                     phases: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`.
+
+    weight [1, O, C, k, k] (already scaled), style [B, C], delta None, [B|1, O, C] or [B|1, O, C, k, k].
+    Returns [B, O, C, k, k] laid out as [B, O, k, k, C]; with `phases` (an upsampling layer), the phase kernels
+    [B, 4*O, C, 3, 3] with output channels ordered (row parity, column parity, O).
+    """
+    w = weight.float().permute(0, 1, 3, 4, 2)  # [1, O, k, k, C]: the layout of the result
+    if delta is not None:
+        delta = delta.float()
+        delta = delta[:, :, None, None, :] if delta.ndim == 3 else delta.permute(0, 1, 3, 4, 2)
+        w = w * (1 + delta)
+    w = w * style.float()[:, None, None, None, :]
+    if demodulate:
+        w = w * torch.rsqrt(w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8)
+    batch, o, k, _, c = w.shape
+    if phases is not None:  # K[b, p, q, o, d, e, c] = sum_{r, s} A[p, d, r] A[q, e, s] w[b, o, r, s, c]
+        a = phases.float()
+        w = torch.einsum("pdr,qes,borsc->bpqodec", a, a, w)
+        o *= 4
+    out = channels_last_weight((batch, o, c, k, k), w.device, dtype)
+    out.permute(0, 1, 3, 4, 2).copy_(w.reshape(batch, o, k, k, c))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,6 +320,12 @@ class Upsample(nn.Module):
 class PixelNorm(nn.Module):
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2's fused activation: leaky ReLU(x + bias) scaled by sqrt(2) to keep the signal's magnitude."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape).to(x.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
 
 
 class EqualLinear(nn.Module):
@@ -160,10 +349,9 @@ class EqualLinear(nn.Module):
 class ModulatedConv2d(nn.Module):
     """StyleGAN2's modulated convolution, with an optional per-sample weight offset.
 
-    Without an offset every sample shares one weight, so the style modulates the activations instead of the
-    weight and demodulation scales the output (mathematically the same as per-sample weights, but one ordinary
-    convolution for the whole batch). With an offset the weights differ per sample and we run a grouped
-    convolution over the batch.
+    Style, offset and demodulation are folded into per-sample weights (small next to the activations) and one
+    grouped convolution runs the whole batch; a 1x1 layer (toRGB) is one batched matrix product. An upsampling
+    layer runs as four phase convolutions (see the top of this section).
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
@@ -177,64 +365,55 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         if upsample:
-            # transposed conv (stride 2) followed by a blur; pads chosen so the output is exactly 2x the input
+            if kernel_size != 3:
+                raise ValueError("upsampling layers of StyleGAN2 have 3x3 kernels")
+            # official: transposed conv (stride 2), then this blur with pads making the output exactly 2x the input
             p = (len(BLUR_KERNEL) - 2) - (kernel_size - 1)
             self.blur = Blur(pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4)
 
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def per_sample_weight(self, w: torch.Tensor, delta: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         style = self.modulation(w)  # [B, in]
-        if delta is None:
-            return self._forward_shared_weight(x, style)
-        return self._forward_per_sample_weight(x, style, delta)
+        if delta is not None and delta.shape[0] not in (1, style.shape[0]):
+            raise ValueError(f"weight offsets have batch {delta.shape[0]} but the activations have batch "
+                             f"{style.shape[0]}")
+        phases = self.blur.phases if self.upsample else None
+        return modulated_weight(self.weight * self.scale, style, delta, self.demodulate, phases, dtype)
 
-    @staticmethod
-    def _demodulation(weight_sq_sum: torch.Tensor) -> torch.Tensor:
-        """1/||W_b[o]|| per sample and output channel, computed in fp32 (half precision overflows here)."""
-        return torch.rsqrt(weight_sq_sum.float() + 1e-8)
+    def convolve(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The convolution of packed x, before noise and bias. Upsampling: a [B, O, H, 2, W, 2] view of the four
+        phases (row n, row parity, column m, column parity), i.e. the [B, O, 2H, 2W] output before interleaving.
+        1x1 layers: [B, O, H, W] in channels-last memory. Otherwise: packed [B, O, H, W]."""
+        batch, _, h, wd = x.shape
+        weight = self.per_sample_weight(w, delta, x.dtype).expand(batch, -1, -1, -1, -1)
+        o = self.out_channel
+        if self.kernel_size == 1:  # [B, H*W, C] @ [B, C, O]: the activations read once
+            rows = x.as_strided((batch, h * wd, self.in_channel), (self.in_channel, batch * self.in_channel, 1))
+            out = torch.bmm(rows, weight.reshape(batch, o, self.in_channel).transpose(1, 2))
+            return out.view(batch, h, wd, o).permute(0, 3, 1, 2)
+        if not self.upsample:
+            out = per_sample_conv(x, weight, self.padding)
+            return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
+        out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H, W], memory (H, W, B, p, q, O)
+        row, col = wd * batch * 4 * o, batch * 4 * o
+        return out.as_strided((batch, o, h, 2, wd, 2), (4 * o, 1, row, 2 * o, col, o))
 
-    def _forward_shared_weight(self, x, style):
-        weight = self.weight[0] * self.scale  # [out, in, k, k]
-        x = x * style.to(x.dtype)[:, :, None, None]
-        if self.upsample:
-            out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2)
-        else:
-            out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
-        if self.demodulate:
-            # sum_{i,k} (W[o,i,k] s_b[i])^2 = sum_i (sum_k W[o,i,k]^2) s_b[i]^2
-            w_sq = weight.float().pow(2).sum(dim=[2, 3])  # [out, in]
-            demod = self._demodulation(style.float().pow(2) @ w_sq.t())  # [B, out]
-            out = out * demod.to(out.dtype)[:, :, None, None]
-        if self.upsample:
-            out = self.blur(out)
-        return out
+    def forward(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, C, H, W] -> [B, O, H', W'] (packed), the official ModulatedConv2d's output."""
+        out = self.convolve(pack(x), w, delta)
+        if not self.upsample:
+            return out
+        b, o, h, _, wd, _ = out.shape
+        result = packed_empty(b, o, 2 * h, 2 * wd, like=out)
+        phase_view(result).copy_(out)
+        return result
 
-    def _forward_per_sample_weight(self, x, style, delta):
-        batch, in_c, h, w = x.shape
-        if delta.ndim == 3:  # compact per-channel offsets: broadcast over the kernel instead of repeating them
-            delta = delta[:, :, :, None, None]
-        if delta.shape[0] not in (1, batch):
-            raise ValueError(f"weight offsets have batch {delta.shape[0]} but the activations have batch {batch}")
-        weight = self.scale * (self.weight.float() * (1 + delta.float()) * style.float()[:, None, :, None, None])
-        weight = weight.expand(batch, -1, -1, -1, -1)  # [B, out, in, k, k]
-        if self.demodulate:
-            demod = self._demodulation(weight.pow(2).sum(dim=[2, 3, 4]))
-            weight = weight * demod[:, :, None, None, None]
-        weight = weight.to(x.dtype)
-        k = self.kernel_size
-        x = x.reshape(1, batch * in_c, h, w)
-        if self.upsample:
-            weight = weight.transpose(1, 2).reshape(batch * in_c, self.out_channel, k, k)
-            out = F.conv_transpose2d(x, weight, stride=2, groups=batch)
-        else:
-            weight = weight.reshape(batch * self.out_channel, in_c, k, k)
-            out = F.conv2d(x, weight, padding=self.padding, groups=batch)
-        out = out.reshape(batch, self.out_channel, *out.shape[2:])
-        if self.upsample:
-            out = self.blur(out)
-        return out
+
+def phase_view(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2H, 2W] -> the [..., H, 2, W, 2] view (row, row parity, column, column parity)."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).unflatten(-3, (x.shape[-2] // 2, 2))
 
 
 class NoiseInjection(nn.Module):
@@ -263,7 +442,16 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel)
 
     def forward(self, x, w, noise, delta=None):
-        return self.activate(self.noise(self.conv(x, w, delta), noise))
+        """= activate(noise(conv(x))), with the interleaving of upsampling phases, the noise, the bias and the
+        activation in one step. Packed in, packed out."""
+        y = self.conv.convolve(pack(x), w, delta)
+        if self.conv.upsample:
+            b, o, h, _, wd, _ = y.shape
+            out = packed_empty(b, o, 2 * h, 2 * wd, like=y)
+            styled_activation(y, phase_view(noise), self.noise.weight, self.activate.bias, phase_view(out))
+            return out
+        b, o, h, wd = y.shape
+        return styled_activation(y, noise, self.noise.weight, self.activate.bias, packed_empty(b, o, h, wd, like=y))
 
 
 class FusedLeakyReLU(nn.Module):
@@ -286,7 +474,7 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x, w, skip=None, delta=None):
-        out = self.conv(x, w, delta) + self.bias.to(x.dtype)
+        out = self.conv.convolve(pack(x), w, delta) + self.bias.to(x.dtype)
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -375,14 +563,14 @@ class Generator(nn.Module):
         dtype = self.input.input.dtype
         codes = codes.to(dtype)
 
-        out = self.conv1(self.input(batch), codes[:, 0], noises[0], deltas[0])
+        out = self.conv1(pack(self.input(batch)), codes[:, 0], noises[0], deltas[0])
         skip = self.to_rgb1(out, codes[:, 1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
             layer, style = 2 + 3 * i, 1 + 2 * i
             out = self.convs[2 * i](out, codes[:, style], noises[1 + 2 * i], deltas[layer])
             out = self.convs[2 * i + 1](out, codes[:, style + 1], noises[2 + 2 * i], deltas[layer + 1])
             skip = to_rgb(out, codes[:, style + 2], skip, delta=deltas[layer + 2])
-        return skip
+        return skip.contiguous()
 
     def _noises(self, batch: int, mode: str, like: torch.Tensor) -> list:
         stored = [getattr(self.noises, f"noise_{i}") for i in range(self.config.n_noises)]

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, ModulatedConv2d, upfirdn2d
+import torch.nn.functional as F
+
+from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, ModulatedConv2d, Upsample, pack
 from hyperstyle_nodes.tiny import make_generator, tiny_generator_config
 
 
@@ -23,6 +25,17 @@ def naive_upfirdn2d(x, k, up, down, pad):
             window = padded[:, :, i:i + kh, j:j + kw]
             out[:, :, i, j] = (window * k[::-1, ::-1]).sum(axis=(2, 3))
     return torch.from_numpy(out[:, :, ::down, ::down])
+
+
+def upfirdn2d(x, kernel, up=1, down=1, pad=(0, 0)):
+    """The official upfirdn2d in plain PyTorch (zero-insert, pad, true convolution, subsample): the reference the
+    generator's phase convolutions are checked against."""
+    b, c, h, w = x.shape
+    if up > 1:
+        x = F.pad(x.reshape(b, c, h, 1, w, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(b, c, h * up, w * up)
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    weight = kernel.flip([0, 1]).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
+    return F.conv2d(x, weight, stride=down, groups=c)
 
 
 @pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2)), (2, 1, (2, 1)), (1, 2, (1, 1))])
@@ -45,7 +58,7 @@ def reference_modulated_conv(conv: ModulatedConv2d, x, w, delta=None):
     for b in range(batch):
         if conv.upsample:
             o = torch.nn.functional.conv_transpose2d(x[b:b + 1], weight[b].transpose(0, 1), stride=2)
-            outs.append(conv.blur(o))
+            outs.append(upfirdn2d(o, conv.blur.kernel, pad=conv.blur.pad))
         else:
             outs.append(torch.nn.functional.conv2d(x[b:b + 1], weight[b], padding=conv.padding))
     return torch.cat(outs)
@@ -64,6 +77,28 @@ def test_modulated_conv_matches_per_sample_reference(upsample, kind):
         ref = reference_modulated_conv(conv, x, w, expanded)
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_skip_upsampling_matches_official_upfirdn2d():
+    up = Upsample()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(up(x), upfirdn2d(x, up.kernel, up=2, pad=(2, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_modulated_conv_output_is_packed_and_layout_does_not_matter(upsample):
+    """Activations may arrive in any layout; the result is the same and comes back packed."""
+    torch.manual_seed(1)
+    conv = ModulatedConv2d(5, 4, 3, 8, upsample=upsample)
+    x, w = torch.randn(3, 5, 6, 6), torch.randn(3, 8)
+    with torch.no_grad():
+        a = conv(x, w)
+        b = conv(x.contiguous(memory_format=torch.channels_last), w)
+        c = conv(pack(x), w)
+    assert a.shape == (3, 4, 12 if upsample else 6, 12 if upsample else 6)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert pack(a) is a
 
 
 def test_compact_offsets_equal_official_expanded_form_bit_exactly():
