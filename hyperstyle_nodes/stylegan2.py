@@ -84,7 +84,7 @@ def check_size(size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Speed without changing the math (see docs/speed.md for the measurements behind each choice).
+# Speed without changing the math (README, "Speed and memory", has the measurements).
 #
 # - Activations are "packed": [B, C, H, W] views of a channels-last [1, B*C, H, W] tensor (memory order H, W, B, C).
 #   A per-sample convolution is then one grouped convolution (groups = B) that reads the activations in place; on an
