@@ -54,7 +54,7 @@ def add_deltas(previous: Optional[Deltas], new: Deltas) -> Deltas:
         return list(new)
     if len(previous) != len(new):
         raise ValueError(f"offsets to continue from have {len(previous)} layers, this model has {len(new)}")
-    return [None if n is None else (n if p is None else p + n) for p, n in zip(previous, new)]
+    return [p if n is None else (n if p is None else p + n) for p, n in zip(previous, new)]
 
 
 def slice_deltas(deltas: Optional[Deltas], start: int, end: int) -> Optional[Deltas]:
@@ -196,6 +196,8 @@ class HyperStyleModel(nn.Module):
     def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
         graphs = self._graphs()
+        if deltas is not None and not self._graphable_offsets(deltas, x.shape[0]):
+            graphs = None  # starting offsets the step graph does not carry: the eager path handles every case
         if graphs is not None:
             x = x.contiguous(memory_format=torch.channels_last)
         if codes is None and deltas is None and graphs is not None and self.encoder is not None:
@@ -246,6 +248,12 @@ class HyperStyleModel(nn.Module):
         if self._graph_cache is None or signature != self._graph_weights:
             self._graph_cache, self._graph_weights = GraphCache(self.device), signature
         return self._graph_cache
+
+    def _graphable_offsets(self, deltas: Deltas, batch: int) -> bool:
+        """Offsets only on tuned layers, each in the shape the hypernetwork gives (or broadcastable from batch 1)."""
+        shapes = self.hypernet.offset_shapes(batch)
+        return all(d is None or (i in shapes and tuple(d.shape[1:]) == shapes[i][1:])
+                   for i, d in enumerate(deltas))
 
     def _graphed_decode(self, layers, codes, *flat):
         deltas = None

@@ -149,14 +149,15 @@ class Upsample(nn.Module):
         if factor != 2:
             raise ValueError("StyleGAN2 upsamples by 2")
         self.register_buffer("kernel", blur_kernel_2d(gain=factor ** 2))
-        self.register_buffer("phases", skip_upsample_phases(separable_taps(self.kernel)), persistent=False)
+        s = skip_upsample_phases(separable_taps(self.kernel))
+        # one 3x3 kernel per (row parity, column parity); pixel_shuffle puts channel 4c + 2p + q at (2h + p, 2w + q)
+        self.register_buffer("phase_kernels", (s[:, None, :, None] * s[None, :, None, :]).reshape(4, 1, 3, 3),
+                             persistent=False)
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        s = self.phases.to(x.dtype)
-        kernels = (s[:, None, :, None] * s[None, :, None, :]).reshape(4, 1, 3, 3)  # (row parity, column parity)
-        # pixel_shuffle puts channel 4c + 2p + q at (2h + p, 2w + q) of channel c
-        return F.pixel_shuffle(F.conv2d(x, kernels.repeat(c, 1, 1, 1), padding=1, groups=c), 2)
+        c = x.shape[1]
+        weight = self.phase_kernels.to(x.dtype).repeat(c, 1, 1, 1)
+        return F.pixel_shuffle(F.conv2d(x, weight, padding=1, groups=c), 2)
 
 
 def blur_kernel_2d(taps: Sequence[float] = BLUR_KERNEL, gain: float = 1.0) -> torch.Tensor:
@@ -258,10 +259,14 @@ def _raise_recompile_limit(limit: int = 256) -> None:
             setattr(dynamo_config, name, limit)
 
 
+def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2's fused activation: leaky ReLU(x + bias) scaled by sqrt(2) to keep the signal's magnitude."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape).to(x.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
+
+
 def _noise_and_activation(y, noise, noise_weight, bias):
-    shape = (1, -1) + (1,) * (y.ndim - 2)
-    y = y + noise_weight.to(y.dtype) * noise.to(y.dtype)
-    return F.leaky_relu(y + bias.view(shape).to(y.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
+    return bias_leaky_relu(y + noise_weight.to(y.dtype) * noise.to(y.dtype), bias)
 
 
 @fused
@@ -320,12 +325,6 @@ def modulated_weight(weight: torch.Tensor, style: torch.Tensor, delta: Optional[
 class PixelNorm(nn.Module):
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
-
-
-def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """StyleGAN2's fused activation: leaky ReLU(x + bias) scaled by sqrt(2) to keep the signal's magnitude."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return F.leaky_relu(x + bias.view(shape).to(x.dtype), LEAKY_SLOPE) * ACTIVATION_GAIN
 
 
 class EqualLinear(nn.Module):

@@ -116,3 +116,20 @@ def test_graph_path_gives_the_eager_results(tiny_model, face_batch, monkeypatch)
     for a, b in zip(graphed.steps, eager.steps):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(graphed_decode, eager_decode, atol=1e-6)
+
+
+def test_starting_offsets_the_step_graph_does_not_carry_run_eagerly(tiny_model, face_batch, monkeypatch):
+    """Offsets on a layer the hypernetwork does not tune (e.g. from another model) must not be dropped by the graph
+    path: such a start runs eagerly and gives the eager result."""
+    untuned = next(i for i, head in enumerate(tiny_model.hypernet.refinement_blocks) if head is None)
+    k, c_in, c_out = tiny_model.generator.config.layer_shapes[untuned]
+    deltas = [None] * tiny_model.generator.n_layers
+    deltas[untuned] = 0.3 * torch.randn(1, c_out, c_in, k, k, generator=torch.Generator().manual_seed(0))
+    codes = tiny_model.encode(face_batch)
+    eager = tiny_model.invert(face_batch, n_iters=2, codes=codes, deltas=deltas)
+    replay = _Replay()
+    monkeypatch.setattr(type(tiny_model), "_graphs", lambda self: replay)
+    graphed = tiny_model.invert(face_batch, n_iters=2, codes=codes, deltas=deltas)
+    assert replay.calls == []
+    assert torch.allclose(graphed.images, eager.images, atol=1e-6)
+    assert graphed.deltas[untuned] is not None
