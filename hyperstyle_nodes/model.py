@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints as ckpts
-from .cuda_graphs import GraphCache, weights_signature
+from .cuda_graphs import GraphCache, WeightsWatch
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
 from .stylegan2 import Generator
@@ -79,6 +79,7 @@ class HyperStyleModel(nn.Module):
         self.cuda_graphs = True  # replay recorded CUDA graphs at inference (see cuda_graphs.py)
         self._graph_cache: Optional[GraphCache] = None
         self._graph_weights: tuple = ()
+        self._weights_watch = WeightsWatch()
 
     # ---- properties --------------------------------------------------------------------------------------------
     @property
@@ -244,7 +245,7 @@ class HyperStyleModel(nn.Module):
         if not (self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled()
                 and not self.training):
             return None
-        signature = weights_signature(self)
+        signature = self._weights_watch.signature(self)
         if self._graph_cache is None or signature != self._graph_weights:
             self._graph_cache, self._graph_weights = GraphCache(self.device), signature
         return self._graph_cache
@@ -281,12 +282,21 @@ class HyperStyleModel(nn.Module):
         for part in (self.hypernet, self.encoder):
             if part is not None:
                 part.to(memory_format=torch.channels_last)
-        self._graph_cache, self._graph_weights = None, ()
+        self._forget_graphs()
         return self
 
     def _apply(self, fn, *args, **kwargs):
-        self._graph_cache, self._graph_weights = None, ()  # moved or cast weights: recorded graphs are stale
+        self._forget_graphs()  # moved or cast weights: recorded graphs are stale
         return super()._apply(fn, *args, **kwargs)
+
+    def _forget_graphs(self) -> None:
+        self._graph_cache, self._graph_weights, self._weights_watch = None, (), WeightsWatch()
+
+    def __getstate__(self):
+        """Copies and pickles get no recorded graphs (they point at the original's weights)."""
+        state = self.__dict__.copy()
+        state.update(_graph_cache=None, _graph_weights=(), _weights_watch=WeightsWatch())
+        return state
 
     # ---- large batches -----------------------------------------------------------------------------------------
     def _in_chunks(self, batch: int, max_batch: Optional[int], run: Callable, per_image: int, gather) -> list:

@@ -133,3 +133,27 @@ def test_starting_offsets_the_step_graph_does_not_carry_run_eagerly(tiny_model, 
     assert replay.calls == []
     assert torch.allclose(graphed.images, eager.images, atol=1e-6)
     assert graphed.deltas[untuned] is not None
+
+
+def test_weights_watch_sees_replaced_weights(tiny_model):
+    """Recorded CUDA graphs are keyed by the weights' addresses; the cheap check must see a replaced parameter (how
+    ComfyUI patches weights) and weights moved in place, and copies must not inherit the original's graphs."""
+    import copy
+
+    from hyperstyle_nodes.cuda_graphs import WeightsWatch, weights_signature
+
+    model = copy.deepcopy(tiny_model)
+    assert model._graph_cache is None
+    watch = WeightsWatch()
+    first = watch.signature(model)
+    gathered = watch._tensors
+    assert first == weights_signature(model)
+    assert watch.signature(model) == first and watch._tensors is gathered  # nothing registered: no new walk
+    conv = model.generator.conv1.conv
+    conv.weight = torch.nn.Parameter(conv.weight.detach().clone())  # registers a parameter
+    second = watch.signature(model)
+    assert second != first and second == weights_signature(model)
+    bias = model.generator.conv1.activate.bias
+    bias.data = bias.data.clone()  # moved in place: no registration
+    third = watch.signature(model)
+    assert third != second and third == weights_signature(model)
