@@ -41,6 +41,14 @@ def _models(*kinds: str) -> list:
     return names or ["(no models found)"]
 
 
+# the precision and device inputs of every loader node
+PRECISION_AND_DEVICE = {
+    "precision": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: fp32 on CPU, half precision on GPUs "
+                                                                      "that support it."}),
+    "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+}
+
+
 class HyperStyleLoader:
     DESCRIPTION = ("Loads HyperStyle and its initial encoder once and keeps them on the GPU between prompts. "
                    "Registry models download on first use into models/hyperstyle/.")
@@ -53,9 +61,7 @@ class HyperStyleLoader:
             "initial_encoder": (_models("w_encoder", "e4e") + ["none"], {
                 "tooltip": "Encoder for the initial inversion: faces_w_encoder (W, the official choice) or "
                            "e4e_ffhq_encode (W+, better for edits). The file's contents decide which it is."}),
-            "precision": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: fp32 on CPU, half precision "
-                                                                             "on GPUs that support it."}),
-            "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+            **PRECISION_AND_DEVICE,
         }}
 
     RETURN_TYPES = ("HYPERSTYLE_MODEL",)
@@ -146,9 +152,7 @@ class HyperStyleLoadGenerator:
         return {"required": {
             "generator": (_models("generator"), {"tooltip": "A rosinality-format StyleGAN2 file (g_ema), a registry "
                                                             "name or a file in models/hyperstyle/."}),
-            "precision": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: fp32 on CPU, half precision "
-                                                                             "on GPUs that support it."}),
-            "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+            **PRECISION_AND_DEVICE,
         }}
 
     RETURN_TYPES = ("HYPERSTYLE_GENERATOR",)

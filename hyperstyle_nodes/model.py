@@ -290,7 +290,7 @@ class HyperStyleModel(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _forget_graphs(self) -> None:
-        self._graph_cache, self._graph_weights, self._weights_watch = None, (), WeightsWatch()
+        self._graph_cache, self._graph_weights = None, ()
 
     def __getstate__(self):
         """Copies and pickles get no recorded graphs (they point at the original's weights)."""

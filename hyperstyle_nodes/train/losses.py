@@ -141,20 +141,27 @@ def build_arcface(weights: Optional[str] = None) -> nn.Module:
     return _freeze(net)
 
 
-class IdentityLoss(nn.Module):
-    """The official IDLoss: crop the face's inner region of a 256-px image, pool to 112, compare embeddings."""
+class EmbeddingLoss(nn.Module):
+    """1 - cosine similarity of the embeddings of output and target (the target's without gradient)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def embed(self, x):
-        if x.shape[-1] != HYPERNET_INPUT_SIZE:
-            x = F.interpolate(x, size=(HYPERNET_INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
-        return self.net(F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112)))
+        raise NotImplementedError
 
     def forward(self, y_hat, y):
         return (1 - (self.embed(y_hat) * self.embed(y).detach()).sum(1)).mean()
+
+
+class IdentityLoss(EmbeddingLoss):
+    """The official IDLoss: crop the face's inner region of a 256-px image, pool to 112, compare embeddings."""
+
+    def embed(self, x):
+        if x.shape[-1] != HYPERNET_INPUT_SIZE:
+            x = F.interpolate(x, size=(HYPERNET_INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
+        return self.net(F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112)))
 
 
 def build_moco(weights: Optional[str] = None) -> nn.Module:
@@ -174,18 +181,11 @@ def build_moco(weights: Optional[str] = None) -> nn.Module:
     return _freeze(net)
 
 
-class MocoLoss(nn.Module):
+class MocoLoss(EmbeddingLoss):
     """The official MocoLoss: resize to 224 (nearest, inputs in [-1, 1] as the official code feeds them)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
 
     def embed(self, x):
         return F.normalize(self.net(F.interpolate(x, size=224)), dim=1)
-
-    def forward(self, y_hat, y):
-        return (1 - (self.embed(y_hat) * self.embed(y).detach()).sum(1)).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
