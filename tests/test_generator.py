@@ -79,6 +79,20 @@ def test_modulated_conv_matches_per_sample_reference(upsample, kind):
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
+def test_to_rgb_conv_matches_per_sample_reference():
+    """1x1 layers run as one product with a block-diagonal weight: each sample must still see only its own weights."""
+    torch.manual_seed(2)
+    conv = ModulatedConv2d(8, 3, 1, 16, demodulate=False)
+    x, w = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
+    delta = 0.3 * torch.randn(4, 3, 8, 1, 1)
+    with torch.no_grad():
+        for d in (None, delta):
+            ours, ref = conv(x, w, d), reference_modulated_conv(conv, x, w, d)
+            assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+            alone = conv(x[2:3], w[2:3], None if d is None else d[2:3])
+            assert torch.allclose(ours[2:3], alone, atol=1e-6)
+
+
 def test_skip_upsampling_matches_official_upfirdn2d():
     up = Upsample()
     x = torch.randn(2, 3, 9, 9)
