@@ -327,8 +327,12 @@ class HyperStyleModel(nn.Module):
     def _auto_chunk(self, batch: int, per_image: int) -> int:
         if self.device.type != "cuda":
             return batch
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        free += torch.cuda.memory_reserved(self.device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a cap set with set_per_process_memory_fraction, which mem_get_info does not show
+            free = min(free, int(fraction(self.device) * total) - allocated)
         return max(1, int(0.8 * free) // per_image)
 
     def _bytes_per_image(self, inverting: bool) -> int:

@@ -1,9 +1,12 @@
 """CPU smoke test of benchmarks/bench_pipeline.py at a tiny size: it runs and writes well-formed JSON lines."""
 import importlib.util
 import json
+import types
 
 import torch
 from pathlib import Path
+
+from hyperstyle_nodes.model import HyperStyleModel
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
 
@@ -157,3 +160,19 @@ def test_weights_watch_sees_replaced_weights(tiny_model):
     bias.data = bias.data.clone()  # moved in place: no registration
     third = watch.signature(model)
     assert third != second and third == weights_signature(model)
+
+
+def test_chunk_size_respects_a_per_process_memory_cap(monkeypatch):
+    """mem_get_info reports the whole card; a cap set with set_per_process_memory_fraction must shrink the chunks."""
+    gib = 1024 ** 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    fraction = {"value": 1.0}
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction["value"],
+                        raising=False)
+    model = types.SimpleNamespace(device=torch.device("cuda", 0))
+    uncapped = HyperStyleModel._auto_chunk(model, batch=1000, per_image=gib)
+    assert uncapped == int(0.8 * 101 * gib) // gib  # free memory plus what the cache holds unused
+    fraction["value"] = 10 / 140  # a 10 GiB cap, 2 GiB of it in use
+    assert HyperStyleModel._auto_chunk(model, batch=1000, per_image=gib) == int(0.8 * 8 * gib) // gib
