@@ -176,3 +176,16 @@ def test_chunk_size_respects_a_per_process_memory_cap(monkeypatch):
     assert uncapped == int(0.8 * 101 * gib) // gib  # free memory plus what the cache holds unused
     fraction["value"] = 10 / 140  # a 10 GiB cap, 2 GiB of it in use
     assert HyperStyleModel._auto_chunk(model, batch=1000, per_image=gib) == int(0.8 * 8 * gib) // gib
+
+
+def test_graphs_warm_up_on_one_stream_per_device(monkeypatch):
+    """cuBLAS keeps a workspace per stream for the life of the process: recording graphs must not make new streams."""
+    from hyperstyle_nodes import cuda_graphs
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())
+    monkeypatch.setattr(cuda_graphs, "_WARMUP_STREAMS", {})
+    first = cuda_graphs.warmup_stream(torch.device("cuda", 0))
+    assert cuda_graphs.warmup_stream(torch.device("cuda", 0)) is first
+    assert cuda_graphs.warmup_stream(torch.device("cuda", 1)) is not first
+    assert len(made) == 2
