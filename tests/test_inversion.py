@@ -96,3 +96,26 @@ def test_bf16_matches_fp32(tiny_ckpts, face_batch):
     print(f"bf16 vs fp32 PSNR (tiny 128-px model, 3 iterations): {value:.1f} dB")
     assert out.images.dtype == torch.float32  # images come back as float [0, 1] whatever the model's precision
     assert value >= 40
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_batched_hypernet_heads_equal_each_head_alone(separable):
+    """The heads' convolution stacks run together as grouped convolutions; each head's offsets must be what the head
+    gives on its own (shared, per-channel and separable heads, toRGB heads included)."""
+    from hyperstyle_nodes.hypernetwork import HyperNetwork, SharedHead
+    from hyperstyle_nodes.tiny import randomize_, tiny_generator_config, tiny_hypernet_config
+
+    gen = tiny_generator_config(64)
+    hypernet = randomize_(HyperNetwork(tiny_hypernet_config(gen, "0,2,3,4,5,6,7,8,9", separable=separable)),
+                          torch.Generator().manual_seed(0)).eval()
+    assert len(hypernet.head_groups()) < len(hypernet.tuned_layers())  # some heads do run together
+    x = torch.randn(2, 6, 256, 256)
+    with torch.no_grad():
+        deltas = hypernet(x)
+        features = hypernet.features(x)
+        for i in hypernet.tuned_layers():
+            head = hypernet.refinement_blocks[i]
+            alone = head(features)
+            assert deltas[i].shape == alone.shape, i
+            assert torch.allclose(deltas[i], alone, atol=1e-6), (i, (deltas[i] - alone).abs().max())
+        assert any(isinstance(hypernet.refinement_blocks[i], SharedHead) for i in hypernet.tuned_layers())
