@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLUR_KERNEL = (1, 3, 3, 1)
+SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)
 
@@ -74,6 +75,15 @@ class GeneratorConfig:
         return [i for i, (k, _, out) in enumerate(self.layer_shapes) if k == 1 and out == 3]
 
 
+def style_index(layer: int) -> int:
+    """Which W+ code modulates a generator layer (HyperStyle numbering): conv1 0, to_rgb1 1, then per resolution
+    i = 0, 1, ...: upsampling conv 1 + 2i, conv 2 + 2i, to_rgb 3 + 2i."""
+    if layer < 2:
+        return layer
+    i, j = divmod(layer - 2, 3)
+    return 1 + 2 * i + j
+
+
 def log2(n: int) -> int:
     return int(round(math.log2(n)))
 
@@ -96,11 +106,14 @@ def check_size(size: int) -> None:
 #   output "phase" (row and column parity), whose kernels are the layer's kernel filtered by the blur taps. We run
 #   those as one convolution with 4x the output channels and interleave the phases in the step that adds noise and
 #   bias: no transposed convolution and no blur pass, which were 60% of the GPU time before. The phase kernels come
-#   from the per-sample 3x3 kernels through one matrix product ([36, 9] @ [9, C] per output channel).
+#   from the per-sample 3x3 kernels through one matrix product ([36, 9] @ [9, C] per output channel). From 128 px
+#   up, at batch > 1, the phases run as two convolutions, one per output row parity (`row_parity_groups`).
 # - toRGB (1x1, 3 outputs) is one matrix product of the packed activations [H*W, B*C] with a block-diagonal
 #   [B*C, B*3] weight: 4.6x faster than a batched product at batch 8 and 1024 px, where it reads 1 GB.
 # - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights) are fused by
-#   torch.compile on CUDA when it is available (`fused`); everywhere else the same functions run eagerly.
+#   torch.compile on CUDA when it is available (`fused`); everywhere else the same functions run eagerly. They are
+#   compiled for static shapes: Inductor's dynamic-shape kernels index these strided views with run-time divisions
+#   and ran the interleaving epilogue at 0.25 TB/s instead of 3.3 (H200, bf16, batch 8, 512 -> 1024 px).
 
 
 def separable_taps(kernel_2d: torch.Tensor) -> torch.Tensor:
@@ -145,24 +158,37 @@ class Blur(nn.Module):
         # [(p, q, d, e), (r, s)]: phase kernels K[p, q, d, e] = sum_{r, s} A[p, d, r] A[q, e, s] w[r, s]
         self.register_buffer("phase_matrix", torch.einsum("pdr,qes->pqders", a, a).reshape(36, 9), persistent=False)
 
+    def phase_rows(self, row_parities: tuple) -> torch.Tensor:
+        """The rows of `phase_matrix` for output rows of these parities (both: all of it, a view either way)."""
+        if tuple(row_parities) == (0, 1):
+            return self.phase_matrix
+        (p,) = row_parities
+        return self.phase_matrix[18 * p:18 * (p + 1)]
+
 
 class Upsample(nn.Module):
-    """2x FIR upsampling of the RGB skip branch (upfirdn2d with up=2), as a 3x3 depthwise conv of four phases."""
+    """2x FIR upsampling of the RGB skip branch (upfirdn2d with up=2), as two taps per output phase along each axis
+    (`fir_upsample_2x`), which torch.compile fuses with the toRGB output."""
 
     def __init__(self, factor: int = 2):
         super().__init__()
         if factor != 2:
             raise ValueError("StyleGAN2 upsamples by 2")
         self.register_buffer("kernel", blur_kernel_2d(gain=factor ** 2))
-        s = skip_upsample_phases(separable_taps(self.kernel))
-        # one 3x3 kernel per (row parity, column parity); pixel_shuffle puts channel 4c + 2p + q at (2h + p, 2w + q)
-        self.register_buffer("phase_kernels", (s[:, None, :, None] * s[None, :, None, :]).reshape(4, 1, 3, 3),
-                             persistent=False)
+        self.taps = tuple(tuple(row) for row in skip_upsample_phases(separable_taps(self.kernel)).tolist())
 
     def forward(self, x):
-        c = x.shape[1]
-        weight = self.phase_kernels.to(x.dtype).repeat(c, 1, 1, 1)
-        return F.pixel_shuffle(F.conv2d(x, weight, padding=1, groups=c), 2)
+        return fir_upsample_2x(x, self.taps)
+
+
+def fir_upsample_2x(x: torch.Tensor, taps: tuple) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, 2H, 2W] with y[2n + p] = sum_d x[n + d - 1] * taps[p][d] along each axis (zero pad)."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    rows = [sum(t * padded[:, :, d:d + h] for d, t in enumerate(taps[p]) if t) for p in range(2)]
+    phases = [torch.stack([sum(t * r[..., e:e + w] for e, t in enumerate(taps[q]) if t) for q in range(2)], dim=-1)
+              for r in rows]  # per row parity: [B, C, H, W, 2 (column parity)]
+    return torch.stack(phases, dim=-3).reshape(b, c, 2 * h, 2 * w)
 
 
 def blur_kernel_2d(taps: Sequence[float] = BLUR_KERNEL, gain: float = 1.0) -> torch.Tensor:
@@ -237,10 +263,10 @@ def fused(fn):
             if compiled is None:
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
-                    print("HyperStyle: compiling the GPU kernels with torch.compile (the first run takes up to a minute "
-                          "longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
+                    print("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each batch size "
+                          "takes about a minute longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
                 _raise_recompile_limit()
-                compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
             try:
                 return compiled(*args)
             except torch.cuda.OutOfMemoryError:
@@ -254,9 +280,9 @@ def fused(fn):
     return wrapper
 
 
-def _raise_recompile_limit(limit: int = 256) -> None:
-    """Each fused function sees a few dtypes, batch 1 or more and kinds of offset: more graphs than dynamo's default
-    limit of 8 per function."""
+def _raise_recompile_limit(limit: int = 512) -> None:
+    """Static shapes: each fused function is compiled once per layer shape, batch size, dtype and kind of offset,
+    far more graphs than dynamo's default limit of 8 per function. (Past the limit it runs eagerly: same results.)"""
     import torch._dynamo.config as dynamo_config
 
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
@@ -296,15 +322,11 @@ def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.
     return out
 
 
-@fused
-def modulated_weight(weight: torch.Tensor, style: torch.Tensor, delta: Optional[torch.Tensor], demodulate: bool,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`.
-
-    weight [1, O, C, k, k] (already scaled), style [B, C], delta None, [B|1, O, C] or [B|1, O, C, k, k].
-    Returns [B, O, C, k, k] laid out as [B, O, k, k, C].
-    """
-    w = weight.float().permute(0, 1, 3, 4, 2)  # [1, O, k, k, C]: the layout of the result
+def _modulated(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+               demodulate: bool) -> torch.Tensor:
+    """fp32 per-sample weights [B, O, k, k, C] (the layout convolutions read): scale * W * (1 + delta) * style,
+    demodulated. weight [1, O, C, k, k], style [B, C], delta None, [B|1, O, C] or [B|1, O, C, k, k]."""
+    w = weight.float().permute(0, 1, 3, 4, 2) * scale
     if delta is not None:
         delta = delta.float()
         delta = delta[:, :, None, None, :] if delta.ndim == 3 else delta.permute(0, 1, 3, 4, 2)
@@ -312,21 +334,43 @@ def modulated_weight(weight: torch.Tensor, style: torch.Tensor, delta: Optional[
     w = w * style.float()[:, None, None, None, :]
     if demodulate:
         w = w * torch.rsqrt(w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8)
+    return w
+
+
+@fused
+def modulated_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+                     demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`:
+    [B, O, C, k, k] laid out as [B, O, k, k, C]."""
+    w = _modulated(weight, scale, style, delta, demodulate)
     batch, o, k, _, c = w.shape
     out = channels_last_weight((batch, o, c, k, k), w.device, dtype)
     out.permute(0, 1, 3, 4, 2).copy_(w)
     return out
 
 
-def phase_weights(w: torch.Tensor, phase_matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample 3x3 kernels w [B, O, C, 3, 3] (laid out [B, O, 3, 3, C]) -> the weights of the phase convolution,
-    [B, 4*O, C, 3, 3] laid out [B, 4*O, 3, 3, C], output channels ordered (row parity p, column parity q, O)."""
+@fused
+def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+                          dtype: torch.dtype) -> torch.Tensor:
+    """A 1x1 layer's per-sample weights (not demodulated) as one block-diagonal matrix [B*C, B*O]: sample b's
+    [C, O] block at (b, b), so that packed activations [H*W, B*C] times it are every sample's output."""
+    w = _modulated(weight, scale, style, delta, False)  # [B, O, 1, 1, C]
+    batch, o, _, _, c = w.shape
+    eye = torch.eye(batch, device=w.device, dtype=w.dtype)
+    w = w.reshape(batch, o, c).transpose(1, 2)  # [B, C, O]
+    return (eye[:, None, :, None] * w[:, :, None, :]).reshape(batch * c, batch * o).to(dtype)
+
+
+def phase_weights(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-sample 3x3 kernels w [B, O, C, 3, 3] (laid out [B, O, 3, 3, C]) and phase rows [9n, 9] (n phases of
+    `Blur.phase_rows`) -> the phase convolution's weights [B, n*O, C, 3, 3] laid out [B, n*O, 3, 3, C], output
+    channel o*n + j for phase j. One matrix product straight into the layout the convolution reads (cuBLAS;
+    torch.compile's lowering of the same einsum was 1.5x slower at batch 8), in the kernels' dtype: in half
+    precision they are rounded before the blur taps mix them (PSNR against fp32 stayed above 43 dB)."""
     b, o, c = w.shape[:3]
-    # one matrix product (cuBLAS): torch.compile's lowering of the same einsum was 1.5x slower at batch 8
-    k = torch.matmul(phase_matrix.to(w.dtype), w.permute(0, 1, 3, 4, 2).reshape(b * o, 9, c))  # [B*O, 36, C]
-    out = torch.empty(b, 2, 2, o, 3, 3, c, device=w.device, dtype=dtype)
-    out.copy_(k.view(b, o, 2, 2, 3, 3, c).permute(0, 2, 3, 1, 4, 5, 6))
-    return out.view(b, 4 * o, 3, 3, c).permute(0, 1, 4, 2, 3)
+    n = rows.shape[0] // 9
+    k = torch.matmul(rows.to(w.dtype), w.permute(0, 1, 3, 4, 2).reshape(b * o, 9, c))  # [B*O, 9n, C]
+    return k.view(b, o * n, 3, 3, c).permute(0, 1, 4, 2, 3)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,8 +404,8 @@ class ModulatedConv2d(nn.Module):
     """StyleGAN2's modulated convolution, with an optional per-sample weight offset.
 
     Style, offset and demodulation are folded into per-sample weights (small next to the activations) and one
-    grouped convolution runs the whole batch; a 1x1 layer (toRGB) is one batched matrix product. An upsampling
-    layer runs as four phase convolutions (see the top of this section).
+    grouped convolution runs the whole batch; a 1x1 layer (toRGB) is one block-diagonal matrix product. An
+    upsampling layer runs as four phase convolutions (see the top of this section).
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
@@ -384,48 +428,60 @@ class ModulatedConv2d(nn.Module):
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def per_sample_weight(self, w: torch.Tensor, delta: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """[B, O, C, k, k]; for an upsampling layer the phase convolution's weights (`phase_weights`)."""
-        style = self.modulation(w)  # [B, in]
-        if delta is not None and delta.shape[0] not in (1, style.shape[0]):
-            raise ValueError(f"weight offsets have batch {delta.shape[0]} but the activations have batch "
-                             f"{style.shape[0]}")
-        if not self.upsample:
-            return modulated_weight(self.weight * self.scale, style, delta, self.demodulate, dtype)
-        kernels = modulated_weight(self.weight * self.scale, style, delta, self.demodulate, torch.float32)
-        return phase_weights(kernels, self.blur.phase_matrix, dtype)
+    def row_parity_groups(self, batch: int, height: int) -> tuple:
+        """Output row parities per phase convolution of an upsampling layer: all four phases in one convolution,
+        or one convolution per row parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow
+        (H200, bf16, batch 8, 256 px input: 1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster)."""
+        if batch > 1 and height >= SPLIT_ROW_PARITIES_FROM:
+            return ((0,), (1,))
+        return ((0, 1),)
 
-    def convolve(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The convolution of packed x, before noise and bias: packed [B, O, H, W]. Upsampling: a [B, O, H, 2, W, 2]
-        view of the four phases (row n, row parity, column m, column parity), i.e. the [B, O, 2H, 2W] output before
-        interleaving."""
+    def convolve(self, x: torch.Tensor, style: torch.Tensor, delta: Optional[torch.Tensor] = None):
+        """The convolution of packed x with this layer's modulation `style` [B, in] (`modulation(w)`), before noise
+        and bias: packed [B, O, H, W]. Upsampling: a list of [B, O, H, n, W, 2] views (row, row parity, column,
+        column parity) whose row parities together are 0 and 1 in order, i.e. the [B, O, 2H, 2W] output before
+        interleaving (`row_parity_slices`)."""
         batch, c, h, wd = x.shape
         o = self.out_channel
-        weight = self.per_sample_weight(w, delta, x.dtype).expand(batch, -1, -1, -1, -1)
+        if style.shape[0] != batch or (delta is not None and delta.shape[0] not in (1, batch)):
+            raise ValueError(f"the activations have batch {batch} but the styles have {style.shape[0]}"
+                             + ("" if delta is None else f" and the weight offsets {delta.shape[0]}"))
         if self.kernel_size == 1:
             # [H*W, B*C] @ block-diagonal [B*C, B*O]: one product over the packed activations, read once. (A
             # non-finite activation would reach the other samples' outputs through the zeros: 0 * inf is NaN.)
-            weight = weight.reshape(batch, o, c).transpose(1, 2)  # [B, C, O]
-            eye = torch.eye(batch, device=x.device, dtype=x.dtype)
-            block = (eye[:, None, :, None] * weight[:, :, None, :]).reshape(batch * c, batch * o)
+            block = block_diagonal_weight(self.weight, self.scale, style, delta, x.dtype)
             out = x.as_strided((h * wd, batch * c), (batch * c, 1)) @ block
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
+        weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
         if not self.upsample:
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
-        out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H, W], memory (H, W, B, p, q, O)
-        row, col = wd * batch * 4 * o, batch * 4 * o
-        return out.as_strided((batch, o, h, 2, wd, 2), (4 * o, 1, row, 2 * o, col, o))
+        parts = []
+        for parities in self.row_parity_groups(batch, h):
+            out = per_sample_conv(x, phase_weights(weight, self.blur.phase_rows(parities)), padding=1)
+            n = len(parities)  # out: [1, B*O*2n, H, W], memory (H, W, B, O, row parity, column parity)
+            m = 2 * n
+            parts.append(out.as_strided((batch, o, h, n, wd, 2), (m * o, m, wd * batch * m * o, 2, batch * m * o, 1)))
+        return parts
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, C, H, W] -> [B, O, H', W'] (packed), the official ModulatedConv2d's output."""
-        out = self.convolve(pack(x), w, delta)
+        out = self.convolve(pack(x), self.modulation(w), delta)
         if not self.upsample:
             return out
-        b, o, h, _, wd, _ = out.shape
-        result = packed_empty(b, o, 2 * h, 2 * wd, like=out)
-        phase_view(result).copy_(out)
+        b, o, h, _, wd, _ = out[0].shape
+        result = packed_empty(b, o, 2 * h, 2 * wd, like=out[0])
+        for rows, part in row_parity_slices(out):
+            phase_view(result)[:, :, :, rows].copy_(part)
         return result
+
+
+def row_parity_slices(parts: list):
+    """(slice of output row parities, part) for the parts an upsampling layer's `convolve` returns."""
+    start = 0
+    for part in parts:
+        yield slice(start, start + part.shape[3]), part
+        start += part.shape[3]
 
 
 def phase_view(x: torch.Tensor) -> torch.Tensor:
@@ -458,14 +514,17 @@ class StyledConv(nn.Module):
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
 
-    def forward(self, x, w, noise, delta=None):
+    def forward(self, x, style, noise, delta=None):
         """= activate(noise(conv(x))), with the interleaving of upsampling phases, the noise, the bias and the
-        activation in one step. Packed in, packed out."""
-        y = self.conv.convolve(pack(x), w, delta)
+        activation in one step. style: the layer's modulation [B, in] (`conv.modulation(w)`, or
+        `Generator.styles`). Packed in, packed out."""
+        y = self.conv.convolve(pack(x), style, delta)
         if self.conv.upsample:
-            b, o, h, _, wd, _ = y.shape
-            out = packed_empty(b, o, 2 * h, 2 * wd, like=y)
-            styled_activation(y, phase_view(noise), self.noise.weight, self.activate.bias, phase_view(out))
+            b, o, h, _, wd, _ = y[0].shape
+            out = packed_empty(b, o, 2 * h, 2 * wd, like=y[0])
+            for rows, part in row_parity_slices(y):
+                styled_activation(part, phase_view(noise)[:, :, :, rows], self.noise.weight, self.activate.bias,
+                                  phase_view(out)[:, :, :, rows])
             return out
         b, o, h, wd = y.shape
         return styled_activation(y, noise, self.noise.weight, self.activate.bias, packed_empty(b, o, h, wd, like=y))
@@ -490,11 +549,17 @@ class ToRGB(nn.Module):
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
-    def forward(self, x, w, skip=None, delta=None):
-        out = self.conv.convolve(pack(x), w, delta) + self.bias.to(x.dtype)
-        if skip is not None:
-            out = out + self.upsample(skip)
-        return out
+    def forward(self, x, style, skip=None, delta=None):
+        """RGB of x, plus the upsampled RGB of the previous resolution. style: as in StyledConv."""
+        out = self.conv.convolve(pack(x), style, delta)
+        return rgb_output(out, self.bias, skip, None if skip is None else self.upsample.taps)
+
+
+@fused
+def rgb_output(out: torch.Tensor, bias: torch.Tensor, skip: Optional[torch.Tensor], taps: Optional[tuple]):
+    """toRGB's output + bias (+ the upsampled skip), fused into one step on CUDA."""
+    out = out + bias.to(out.dtype)
+    return out if skip is None else out + fir_upsample_2x(skip, taps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -580,14 +645,31 @@ class Generator(nn.Module):
         dtype = self.input.input.dtype
         codes = codes.to(dtype)
 
-        out = self.conv1(pack(self.input(batch)), codes[:, 0], noises[0], deltas[0])
-        skip = self.to_rgb1(out, codes[:, 1], delta=deltas[1])
+        styles = self.styles(codes)
+        out = self.conv1(pack(self.input(batch)), styles[0], noises[0], deltas[0])
+        skip = self.to_rgb1(out, styles[1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
-            layer, style = 2 + 3 * i, 1 + 2 * i
-            out = self.convs[2 * i](out, codes[:, style], noises[1 + 2 * i], deltas[layer])
-            out = self.convs[2 * i + 1](out, codes[:, style + 1], noises[2 + 2 * i], deltas[layer + 1])
-            skip = to_rgb(out, codes[:, style + 2], skip, delta=deltas[layer + 2])
+            layer = 2 + 3 * i
+            out = self.convs[2 * i](out, styles[layer], noises[1 + 2 * i], deltas[layer])
+            out = self.convs[2 * i + 1](out, styles[layer + 1], noises[2 + 2 * i], deltas[layer + 1])
+            skip = to_rgb(out, styles[layer + 2], skip, delta=deltas[layer + 2])
         return skip.contiguous()
+
+    def styles(self, codes: torch.Tensor) -> list:
+        """Every layer's modulation [B, in] from W+ codes [B, n_styles, style_dim], in HyperStyle's layer numbering.
+
+        All layers' affine maps run as one product of every code with all their weights stacked (18 x 26 small
+        products, most of them unused): a few kernels instead of ~80 small ones per generator pass."""
+        mods = [conv.modulation for conv in self.layer_convs()]
+        weight = torch.cat([m.weight for m in mods]) * mods[0].scale  # every one maps style_dim, lr_mul 1
+        bias = torch.cat([m.bias for m in mods]) * mods[0].lr_mul
+        every = F.linear(codes, weight.to(codes.dtype), bias.to(codes.dtype))  # [B, n_styles, sum of widths]
+        styles, start = [], 0
+        for layer, m in enumerate(mods):
+            width = m.weight.shape[0]
+            styles.append(every[:, style_index(layer), start:start + width])
+            start += width
+        return styles
 
     def _noises(self, batch: int, mode: str, like: torch.Tensor) -> list:
         stored = [getattr(self.noises, f"noise_{i}") for i in range(self.config.n_noises)]

@@ -5,6 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
+from hyperstyle_nodes import stylegan2
 from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, ModulatedConv2d, Upsample, pack
 from hyperstyle_nodes.tiny import make_generator, tiny_generator_config
 
@@ -64,9 +65,11 @@ def reference_modulated_conv(conv: ModulatedConv2d, x, w, delta=None):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("upsample,split", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("kind", ["none", "full", "compact"])
-def test_modulated_conv_matches_per_sample_reference(upsample, kind):
+def test_modulated_conv_matches_per_sample_reference(upsample, split, kind, monkeypatch):
+    """split: the upsampling phases as two convolutions, one per output row parity (large layers at batch > 1)."""
+    monkeypatch.setattr(stylegan2, "SPLIT_ROW_PARITIES_FROM", 1 if split else 10 ** 6)
     torch.manual_seed(0)
     conv = ModulatedConv2d(8, 6, 3, 16, upsample=upsample)
     x, w = torch.randn(3, 8, 5, 5), torch.randn(3, 16)
