@@ -443,9 +443,11 @@ class ModulatedConv2d(nn.Module):
         interleaving (`row_parity_slices`)."""
         batch, c, h, wd = x.shape
         o = self.out_channel
-        if style.shape[0] != batch or (delta is not None and delta.shape[0] not in (1, batch)):
-            raise ValueError(f"the activations have batch {batch} but the styles have {style.shape[0]}"
-                             + ("" if delta is None else f" and the weight offsets {delta.shape[0]}"))
+        if style.shape[0] != batch:
+            raise ValueError(f"the activations have batch {batch} but the styles have batch {style.shape[0]}")
+        if delta is not None and delta.shape[0] not in (1, batch):
+            raise ValueError(f"weight offsets have batch {delta.shape[0]} but the activations have batch {batch}; "
+                             f"pass offsets with batch {batch} or 1")
         if self.kernel_size == 1:
             # [H*W, B*C] @ block-diagonal [B*C, B*O]: one product over the packed activations, read once. (A
             # non-finite activation would reach the other samples' outputs through the zeros: 0 * inf is NaN.)
@@ -641,6 +643,10 @@ class Generator(nn.Module):
         elif len(deltas) != self.n_layers:
             raise ValueError(f"expected {self.n_layers} weight offsets (one per generator layer, None where the layer "
                              f"is not tuned), got {len(deltas)}")
+        for layer, d in enumerate(deltas):
+            if d is not None and d.shape[0] not in (1, batch):
+                raise ValueError(f"weight offsets for layer {layer} have batch {d.shape[0]} but the codes have batch "
+                                 f"{batch}; pass offsets with batch {batch} or 1")
         noises = self._noises(batch, noise_mode, codes)
         dtype = self.input.input.dtype
         codes = codes.to(dtype)

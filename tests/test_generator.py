@@ -179,3 +179,12 @@ def test_noise_modes_and_output_shape():
     assert torch.allclose(w_only, w_plus)
     with pytest.raises(ValueError, match="codes of shape"):
         gen(torch.randn(2, gen.n_styles + 1, gen.style_dim))
+
+
+def test_offsets_of_another_batch_size_are_refused_with_the_layer_named():
+    gen = make_generator(tiny_generator_config(64))
+    deltas = [None] * gen.n_layers
+    _, c_in, c_out = gen.config.layer_shapes[5]
+    deltas[5] = torch.zeros(3, c_out, c_in)
+    with pytest.raises(ValueError, match=r"layer 5 have batch 3 but the codes have batch 2; pass offsets with batch 2"):
+        gen(torch.randn(2, gen.n_styles, gen.style_dim), deltas)
