@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLUR_KERNEL = (1, 3, 3, 1)
+PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
 SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)
@@ -106,8 +107,9 @@ def check_size(size: int) -> None:
 #   output "phase" (row and column parity), whose kernels are the layer's kernel filtered by the blur taps. We run
 #   those as one convolution with 4x the output channels and interleave the phases in the step that adds noise and
 #   bias: no transposed convolution and no blur pass, which were 60% of the GPU time before. The phase kernels come
-#   from the per-sample 3x3 kernels through one matrix product ([36, 9] @ [9, C] per output channel). From 128 px
-#   up, at batch > 1, the phases run as two convolutions, one per output row parity (`row_parity_groups`).
+#   from the per-sample 3x3 kernels through one matrix product ([36, 16] @ [16, C] per output channel, the 9 taps
+#   padded with zeros). From 128 px up, at batch > 1, the phases run as two convolutions, one per output row parity
+#   (`row_parity_groups`).
 # - toRGB (1x1, 3 outputs) is one matrix product of the packed activations [H*W, B*C] with a block-diagonal
 #   [B*C, B*3] weight: 4.6x faster than a batched product at batch 8 and 1024 px, where it reads 1 GB.
 # - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights) are fused by
@@ -156,7 +158,10 @@ class Blur(nn.Module):
         self.pad = pad
         a = upconv_phases(separable_taps(self.kernel))
         # [(p, q, d, e), (r, s)]: phase kernels K[p, q, d, e] = sum_{r, s} A[p, d, r] A[q, e, s] w[r, s]
-        self.register_buffer("phase_matrix", torch.einsum("pdr,qes->pqders", a, a).reshape(36, 9), persistent=False)
+        # zero columns pad the 9 taps to 16: cuBLAS ran the half-precision product with K = 9 in an unaligned kernel
+        # at half the speed (H200, batch 8, 512 -> 512: 0.234 ms, padded 0.114)
+        matrix = torch.einsum("pdr,qes->pqders", a, a).reshape(36, 9)
+        self.register_buffer("phase_matrix", F.pad(matrix, (0, PADDED_TAPS - 9)), persistent=False)
 
     def phase_rows(self, row_parities: tuple) -> torch.Tensor:
         """The rows of `phase_matrix` for output rows of these parities (both: all of it, a view either way)."""
@@ -353,23 +358,35 @@ def modulated_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, de
 def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                           dtype: torch.dtype) -> torch.Tensor:
     """A 1x1 layer's per-sample weights (not demodulated) as one block-diagonal matrix [B*C, B*O]: sample b's
-    [C, O] block at (b, b), so that packed activations [H*W, B*C] times it are every sample's output."""
+    [C, O] block at (b, b), so that packed activations [H*W, B*C] times it are every sample's output. Zero columns
+    pad B*O to a multiple of 8: cuBLAS ran the product with 3 columns (batch 1, toRGB) in an unaligned kernel at
+    half the speed (H200, bf16, 1024 px: 0.139 ms, padded 0.066)."""
     w = _modulated(weight, scale, style, delta, False)  # [B, O, 1, 1, C]
     batch, o, _, _, c = w.shape
     eye = torch.eye(batch, device=w.device, dtype=w.dtype)
     w = w.reshape(batch, o, c).transpose(1, 2)  # [B, C, O]
-    return (eye[:, None, :, None] * w[:, :, None, :]).reshape(batch * c, batch * o).to(dtype)
+    block = (eye[:, None, :, None] * w[:, :, None, :]).reshape(batch * c, batch * o)
+    return F.pad(block, (0, -batch * o % 8)).to(dtype)
+
+
+@fused
+def padded_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+                demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
+    """`modulated_weight`'s kernels as [B, O, PADDED_TAPS, C]: the 9 taps, then zeros."""
+    w = _modulated(weight, scale, style, delta, demodulate)
+    batch, o, k, _, c = w.shape
+    return F.pad(w.reshape(batch, o, k * k, c), (0, 0, 0, PADDED_TAPS - k * k)).to(dtype)
 
 
 def phase_weights(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per-sample 3x3 kernels w [B, O, C, 3, 3] (laid out [B, O, 3, 3, C]) and phase rows [9n, 9] (n phases of
+    """Per-sample kernels w [B, O, PADDED_TAPS, C] (`padded_taps`) and phase rows [9n, PADDED_TAPS] (n phases of
     `Blur.phase_rows`) -> the phase convolution's weights [B, n*O, C, 3, 3] laid out [B, n*O, 3, 3, C], output
     channel o*n + j for phase j. One matrix product straight into the layout the convolution reads (cuBLAS;
     torch.compile's lowering of the same einsum was 1.5x slower at batch 8), in the kernels' dtype: in half
     precision they are rounded before the blur taps mix them (PSNR against fp32 stayed above 43 dB)."""
-    b, o, c = w.shape[:3]
+    b, o, taps, c = w.shape
     n = rows.shape[0] // 9
-    k = torch.matmul(rows.to(w.dtype), w.permute(0, 1, 3, 4, 2).reshape(b * o, 9, c))  # [B*O, 9n, C]
+    k = torch.matmul(rows.to(w.dtype), w.reshape(b * o, taps, c))  # [B*O, 9n, C]
     return k.view(b, o * n, 3, 3, c).permute(0, 1, 4, 2, 3)
 
 
@@ -453,11 +470,13 @@ class ModulatedConv2d(nn.Module):
             # non-finite activation would reach the other samples' outputs through the zeros: 0 * inf is NaN.)
             block = block_diagonal_weight(self.weight, self.scale, style, delta, x.dtype)
             out = x.as_strided((h * wd, batch * c), (batch * c, 1)) @ block
-            return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
-        weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
+            n = block.shape[1]  # B*O, padded
+            return out.as_strided((batch, o, h, wd), (o, 1, wd * n, n))
         if not self.upsample:
+            weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
+        weight = padded_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
         parts = []
         for parities in self.row_parity_groups(batch, h):
             out = per_sample_conv(x, phase_weights(weight, self.blur.phase_rows(parities)), padding=1)
