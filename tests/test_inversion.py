@@ -1,6 +1,7 @@
 """invert/decode semantics (the official run_inversion), batching, continuation and half precision."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hyperstyle_nodes import load_hyperstyle
 from hyperstyle_nodes.model import pool_to
@@ -119,3 +120,10 @@ def test_batched_hypernet_heads_equal_each_head_alone(separable):
             assert deltas[i].shape == alone.shape, i
             assert torch.allclose(deltas[i], alone, atol=1e-6), (i, (deltas[i] - alone).abs().max())
         assert any(isinstance(hypernet.refinement_blocks[i], SharedHead) for i in hypernet.tuned_layers())
+
+
+@pytest.mark.parametrize("size", [1024, 512, 256, 96])
+def test_pool_to_is_the_official_adaptive_pooling(size):
+    """Block averaging where 256 divides the image (the fast path), adaptive pooling otherwise: same numbers."""
+    y = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    torch.testing.assert_close(pool_to(y), F.adaptive_avg_pool2d(y, 256), rtol=0, atol=1e-6)
