@@ -247,7 +247,7 @@ def channels_last_weight(shape: tuple, device, dtype) -> torch.Tensor:
 
 # ---- fusion -----------------------------------------------------------------------------------------------------
 
-_COMPILE = {"enabled": os.environ.get("HYPERSTYLE_COMPILE", "1") != "0", "failed": False}
+_COMPILE = {"enabled": os.environ.get("HYPERSTYLE_COMPILE", "1") != "0"}
 
 
 def set_compile(enabled: bool) -> None:
@@ -256,33 +256,42 @@ def set_compile(enabled: bool) -> None:
 
 
 def fused(fn):
-    """`fn` through torch.compile for CUDA tensors without autograd, eagerly otherwise. If compiling fails (no
-    Triton, an unsupported setup) it is reported once and everything stays eager: same results, slower."""
-    compiled = None
+    """`fn` through torch.compile for CUDA tensors without autograd, eagerly otherwise. If compiling `fn` fails (no
+    Triton, something the compiler cannot trace) it is reported and `fn` stays eager: same results, slower. Only
+    that function: one that cannot be compiled does not slow down the others."""
+    state = {"compiled": None, "failed": False}
+
+    def compiles() -> bool:
+        return _COMPILE["enabled"] and not state["failed"]
 
     @functools.wraps(fn)
     def wrapper(*args):
-        nonlocal compiled
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if (_COMPILE["enabled"] and not _COMPILE["failed"] and tensors[0].is_cuda and not torch.is_grad_enabled()):
-            if compiled is None:
+        if compiles() and on_gpu(tensors[0]) and not torch.is_grad_enabled():
+            if state["compiled"] is None:
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
                     print("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each batch size "
                           "takes about a minute longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
                 _raise_recompile_limit()
-                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+                state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
             try:
-                return compiled(*args)
+                return state["compiled"](*args)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, run eagerly
-                _COMPILE["failed"] = True
-                warnings.warn(f"torch.compile is unavailable ({type(err).__name__}: {str(err)[:200]}); running "
-                              "HyperStyle eagerly (same results, slower)")
+                state["failed"] = True
+                warnings.warn(f"torch.compile could not compile {fn.__name__} ({type(err).__name__}: "
+                              f"{str(err)[:200]}); it runs eagerly (same results, slower)")
         return fn(*args)
 
+    wrapper.compiles = compiles
     return wrapper
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Whether `fused` compiles for this tensor (CUDA only: on the CPU the eager functions are fast enough)."""
+    return t.is_cuda
 
 
 def _raise_recompile_limit(limit: int = 512) -> None:
@@ -316,7 +325,7 @@ def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.
     different layouts: that is how the upsampling phases get interleaved). Returns out."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, noise_weight, bias)):
         out.copy_(_noise_and_activation(y, noise, noise_weight, bias))  # copy_ keeps the graph for training
-    elif y.is_cuda and _COMPILE["enabled"] and not _COMPILE["failed"]:
+    elif on_gpu(y) and _styled_activation_into.compiles():
         _styled_activation_into(out, y, noise, noise_weight, bias)
     else:  # eager: in place, four passes and no temporaries the size of the activations
         shape = (1, -1) + (1,) * (y.ndim - 2)

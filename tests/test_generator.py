@@ -1,4 +1,6 @@
 """StyleGAN2 generator: rosinality layout, plain-PyTorch ops, weight offsets."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,40 @@ def test_offsets_of_another_batch_size_are_refused_with_the_layer_named():
     deltas[5] = torch.zeros(3, c_out, c_in)
     with pytest.raises(ValueError, match=r"layer 5 have batch 3 but the codes have batch 2; pass offsets with batch 2"):
         gen(torch.randn(2, gen.n_styles, gen.style_dim), deltas)
+
+
+def test_a_function_that_fails_to_compile_runs_eagerly_and_the_others_stay_compiled(monkeypatch):
+    """A compiler failure (no Triton, an untraceable module) falls back to eager for that function only."""
+    compiled_calls = []
+
+    def fake_compile(fn, **_kwargs):
+        def run(*args):
+            if fn.__name__ == "cannot_compile":
+                raise RuntimeError("cannot trace this")
+            compiled_calls.append(fn.__name__)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(stylegan2, "on_gpu", lambda t: True)  # the CPU stands in for CUDA
+    monkeypatch.setitem(stylegan2._COMPILE, "enabled", True)
+    monkeypatch.setitem(stylegan2._COMPILE, "announced", True)
+
+    @stylegan2.fused
+    def cannot_compile(x):
+        return x + 1
+
+    @stylegan2.fused
+    def can_compile(x):
+        return x * 2
+
+    x = torch.ones(3)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="could not compile cannot_compile"):
+            assert torch.equal(cannot_compile(x), x + 1)
+        assert torch.equal(can_compile(x), x * 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second attempt, no second warning
+            assert torch.equal(cannot_compile(x), x + 1)
+    assert compiled_calls == ["can_compile"]
+    assert not cannot_compile.compiles() and can_compile.compiles()
