@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch.utils._pytree import tree_map
 
 
 class GraphCache:
@@ -100,7 +99,3 @@ class WeightsWatch:
         for register in hooks:
             register(count)
         cls._hooked = True
-
-
-def clone_outputs(outputs):
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, outputs)
