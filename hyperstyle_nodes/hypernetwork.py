@@ -244,7 +244,7 @@ class HyperNetwork(nn.Module):
         # the heads' convolution stacks, batched: 3-5 convolutions per kind of head instead of per head
         stack_outputs = {}
         for layers in self.head_groups():
-            stack_outputs.update(zip(layers, run_conv_stacks([heads[i].convs for i in layers], features)))
+            stack_outputs.update(zip(layers, run_conv_stacks(self._stacked_levels(layers), features)))
         deltas = [None] * len(heads)
         shared = [i for i, h in enumerate(heads) if isinstance(h, SharedHead)]
         if shared:
@@ -267,6 +267,21 @@ class HyperNetwork(nn.Module):
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
+    def _stacked_levels(self, layers: list) -> "StackedLevels":
+        """`stack_levels` of these layers' heads, kept between calls at inference: concatenating the heads' weights
+        on every pass cost ~16 copies (0.5 ms) per batch-1 inversion on an H200. Built again when a weight is
+        replaced, moved or changed in place (its address or version changes), and never kept under autograd."""
+        stacks = [self.refinement_blocks[i].convs for i in layers]
+        params = [p for stack in stacks for p in stack.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return stack_levels(stacks)
+        signature = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cache = self.__dict__.setdefault("_levels_cache", {})
+        entry = cache.get(tuple(layers))
+        if entry is None or entry[0] != signature:
+            entry = cache[tuple(layers)] = (signature, stack_levels(stacks))
+        return entry[1]
+
 
 @fused
 def _backbone(net: HyperNetwork, x: torch.Tensor) -> torch.Tensor:
@@ -276,23 +291,34 @@ def _backbone(net: HyperNetwork, x: torch.Tensor) -> torch.Tensor:
     return net.body(net.relu(net.bn1(net.conv1(x))))
 
 
-def run_conv_stacks(stacks: list, features: torch.Tensor) -> list:
-    """Several `_conv_stack`s of the same shapes over the same input, as one convolution per depth: the first reads
-    `features` with all the stacks' kernels, the later ones are grouped (one group per stack). Returns each stack's
-    output. Same math as running them one by one; at batch 1 the GPU did ~140 small kernels per pass before."""
-    if len(stacks) == 1:
-        return [stacks[0](features)]
+@dataclass(frozen=True)
+class StackedLevels:
+    """Several `_conv_stack`s of the same shapes as one convolution per depth: (weight, bias, stride, padding,
+    groups) per depth, the first reading the common input with all the stacks' kernels, the later ones grouped
+    (one group per stack)."""
+
+    levels: tuple
+    n_stacks: int
+    slope: float
+
+
+def stack_levels(stacks: list) -> StackedLevels:
     depth = [[m for m in stack if isinstance(m, nn.Conv2d)] for stack in stacks]
-    slopes = {m.negative_slope for stack in stacks for m in stack if isinstance(m, nn.LeakyReLU)}
-    (slope,) = slopes
-    x = features
+    (slope,) = {m.negative_slope for stack in stacks for m in stack if isinstance(m, nn.LeakyReLU)}
+    levels = []
     for level, convs in enumerate(zip(*depth)):
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs])
-        x = F.conv2d(x, weight, bias, stride=convs[0].stride, padding=convs[0].padding,
-                     groups=1 if level == 0 else len(convs))
-        x = F.leaky_relu(x, slope)
-    return list(x.chunk(len(stacks), dim=1))
+        levels.append((torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]), convs[0].stride,
+                       convs[0].padding, 1 if level == 0 else len(convs)))
+    return StackedLevels(tuple(levels), len(stacks), slope)
+
+
+def run_conv_stacks(stacked: StackedLevels, features: torch.Tensor) -> list:
+    """Each stack's output for the same input (`stack_levels`). Same math as running the stacks one by one; at
+    batch 1 the GPU ran ~140 small kernels per pass that way."""
+    x = features
+    for weight, bias, stride, padding, groups in stacked.levels:
+        x = F.leaky_relu(F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups), stacked.slope)
+    return list(x.chunk(stacked.n_stacks, dim=1))
 
 
 def _resnet_blocks(widths: tuple, blocks: tuple) -> list:

@@ -121,6 +121,14 @@ def test_batched_hypernet_heads_equal_each_head_alone(separable):
             assert torch.allclose(deltas[i], alone, atol=1e-6), (i, (deltas[i] - alone).abs().max())
         assert any(isinstance(hypernet.refinement_blocks[i], SharedHead) for i in hypernet.tuned_layers())
 
+        # the stacked head weights are kept between passes: a weight changed in place must still be seen
+        layer = hypernet.tuned_layers()[-1]
+        hypernet.refinement_blocks[layer].convs[0].weight.mul_(2)
+        again = hypernet(x)
+        alone = hypernet.refinement_blocks[layer](features)
+        assert torch.allclose(again[layer], alone, atol=1e-6)
+        assert (again[layer] - deltas[layer]).abs().max() > 10 * (again[layer] - alone).abs().max() + 1e-7
+
 
 @pytest.mark.parametrize("size", [1024, 512, 256, 96])
 def test_pool_to_is_the_official_adaptive_pooling(size):
