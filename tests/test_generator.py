@@ -176,6 +176,7 @@ def test_noise_modes_and_output_shape():
         w_only = gen(codes[:, 0])
         w_plus = gen(codes[:, :1].expand(-1, gen.n_styles, -1))
     assert a.shape == (2, 3, 64, 64)
+    assert a.is_contiguous()  # NCHW, as the official generator returns it
     assert torch.equal(a, b)
     assert not torch.equal(r1, r2)
     assert torch.allclose(w_only, w_plus)
