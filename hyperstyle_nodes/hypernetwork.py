@@ -270,12 +270,14 @@ class HyperNetwork(nn.Module):
     def _stacked_levels(self, layers: list) -> "StackedLevels":
         """`stack_levels` of these layers' heads, kept between calls at inference: concatenating the heads' weights
         on every pass cost ~16 copies (0.5 ms) per batch-1 inversion on an H200. Built again when a weight is
-        replaced, moved or changed in place (its address or version changes), and never kept under autograd."""
+        replaced, moved or changed in place (its address or version changes), and never kept under autograd.
+        Weights created under torch.inference_mode (as ComfyUI may move them) have no version counter: for those
+        only a replaced or moved weight is seen."""
         stacks = [self.refinement_blocks[i].convs for i in layers]
         params = [p for stack in stacks for p in stack.parameters()]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return stack_levels(stacks)
-        signature = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        signature = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
         cache = self.__dict__.setdefault("_levels_cache", {})
         entry = cache.get(tuple(layers))
         if entry is None or entry[0] != signature:

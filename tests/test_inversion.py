@@ -130,6 +130,26 @@ def test_batched_hypernet_heads_equal_each_head_alone(separable):
         assert (again[layer] - deltas[layer]).abs().max() > 10 * (again[layer] - alone).abs().max() + 1e-7
 
 
+def test_hypernet_with_weights_moved_under_inference_mode():
+    """ComfyUI runs nodes under torch.inference_mode, and weights moved there have no version counter: the kept
+    head weights must still work (and follow a weight that is replaced)."""
+    from hyperstyle_nodes.hypernetwork import HyperNetwork
+    from hyperstyle_nodes.tiny import randomize_, tiny_generator_config, tiny_hypernet_config
+
+    hypernet = randomize_(HyperNetwork(tiny_hypernet_config(tiny_generator_config(64), "5,6,7,8,9")),
+                          torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 6, 256, 256)
+    with torch.inference_mode():
+        hypernet.to(torch.float64)
+        first = hypernet(x.double())
+        assert hypernet(x.double())[9].equal(first[9])
+        layer = hypernet.refinement_blocks[9]
+        layer.convs[0].weight = torch.nn.Parameter(layer.convs[0].weight * 2)
+        replaced = hypernet(x.double())
+        assert torch.allclose(replaced[9], layer(hypernet.features(x.double())))
+        assert not replaced[9].equal(first[9])
+
+
 @pytest.mark.parametrize("size", [1024, 512, 256, 96])
 def test_pool_to_is_the_official_adaptive_pooling(size):
     """Block averaging where 256 divides the image (the fast path), adaptive pooling otherwise: same numbers."""
