@@ -221,6 +221,7 @@ class HyperNetwork(nn.Module):
             else:
                 heads.append(ChannelHead(shape, w[-1], config.head_channels, config.feature_dim))
         self.refinement_blocks = nn.ModuleList(heads)
+        self._levels_cache: dict = {}  # head group -> (weights' signature, StackedLevels), see _stacked_levels
 
     def tuned_layers(self) -> list:
         return [i for i, head in enumerate(self.refinement_blocks) if head is not None]
@@ -278,11 +279,15 @@ class HyperNetwork(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return stack_levels(stacks)
         signature = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
-        cache = self.__dict__.setdefault("_levels_cache", {})
-        entry = cache.get(tuple(layers))
+        entry = self._levels_cache.get(tuple(layers))
         if entry is None or entry[0] != signature:
-            entry = cache[tuple(layers)] = (signature, stack_levels(stacks))
+            entry = self._levels_cache[tuple(layers)] = (signature, stack_levels(stacks))
         return entry[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        # moved or cast weights: drop the kept copies, so that offloading the model frees their GPU memory too
+        self._levels_cache = {}
+        return super()._apply(fn, *args, **kwargs)
 
 
 @fused

@@ -139,8 +139,12 @@ def test_hypernet_with_weights_moved_under_inference_mode():
     hypernet = randomize_(HyperNetwork(tiny_hypernet_config(tiny_generator_config(64), "5,6,7,8,9")),
                           torch.Generator().manual_seed(0)).eval()
     x = torch.randn(1, 6, 256, 256)
+    with torch.no_grad():
+        hypernet(x)
+    assert hypernet._levels_cache  # kept after a pass at inference...
     with torch.inference_mode():
         hypernet.to(torch.float64)
+        assert not hypernet._levels_cache  # ...and dropped when the weights move, freeing their old copies
         first = hypernet(x.double())
         assert hypernet(x.double())[9].equal(first[9])
         layer = hypernet.refinement_blocks[9]
