@@ -25,6 +25,7 @@ from torch import nn
 BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
 SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
+TRANSPOSED_UP_TO = 64  # largest input size at which an upsampling layer runs as a transposed convolution + blur
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)
 
@@ -98,10 +99,11 @@ def check_size(size: int) -> None:
 # Speed without changing the math (README, "Speed and memory", has the measurements).
 #
 # - Activations are "packed": [B, C, H, W] views of a channels-last [1, B*C, H, W] tensor (memory order H, W, B, C).
-#   A per-sample convolution is then one grouped convolution (groups = B) that reads the activations in place; on an
-#   H200 in bf16 it runs as fast as an ordinary convolution of the whole batch with one shared weight, so every 3x3
-#   layer folds style, offset and demodulation into per-sample weights and no pass over the activations is spent
-#   on modulation.
+#   A per-sample convolution is then one grouped convolution (groups = B) that reads the activations in place, so
+#   every 3x3 layer folds style, offset and demodulation into per-sample weights and no pass over the activations is
+#   spent on modulation. (H200, bf16, 3x3 C -> C: as fast as one shared weight at batch 1. At batch 8 cuDNN runs
+#   the groups one by one: the 128-512 px layers are within 10% of a shared weight, 1024 px 1.25x and the cheap
+#   4-64 px ones 1.7-2.6x slower.)
 # - The official upsampling layer is a stride-2 transposed convolution followed by a 4x4 blur (upfirdn2d). Both are
 #   linear in the input, so together they equal four ordinary 3x3 convolutions of the low-resolution input, one per
 #   output "phase" (row and column parity), whose kernels are the layer's kernel filtered by the blur taps. We run
@@ -109,7 +111,9 @@ def check_size(size: int) -> None:
 #   bias: no transposed convolution and no blur pass, which were 60% of the GPU time before. The phase kernels come
 #   from the per-sample 3x3 kernels through one matrix product ([36, 16] @ [16, C] per output channel, the 9 taps
 #   padded with zeros). From 128 px up, at batch > 1, the phases run as two convolutions, one per output row parity
-#   (`row_parity_groups`).
+#   (`upsample_plan`). Up to 64 px, where the per-sample weights outweigh the activations, the layer runs as the
+#   transposed convolution itself, in phase form (four 2x2 kernels of the 3x3 taps, 16 taps per output channel
+#   instead of 36, no matrix product), and the epilogue applies the blur to its four phases.
 # - toRGB (1x1, 3 outputs) is one matrix product of the packed activations [H*W, B*C] with a block-diagonal
 #   [B*C, B*3] weight: 4.6x faster than a batched product at batch 8 and 1024 px, where it reads 1 GB.
 # - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights) are fused by
@@ -149,6 +153,17 @@ def upconv_phases(taps: torch.Tensor) -> torch.Tensor:
     return a
 
 
+# A stride-2 transposed 3-tap kernel w along one axis, as two 2-tap kernels over x[n - 1], x[n] (one per parity of
+# its output t): t[2n] = x[n - 1] w[2] + x[n] w[0], t[2n + 1] = x[n] w[1]. Entries are indices into w, None a zero.
+TRANSPOSED_TAPS = ((2, 0), (None, 1))
+
+
+def blur_phase_terms(taps: Sequence[float]) -> tuple:
+    """The blur (pad 1) of a signal t given as its two parities, per output parity p: ((parity of t, offset, tap),
+    ...) with y[2n + p] = sum tap * t_parity[n + offset]. From y[i] = sum_a taps[a] t[i + a - 1]."""
+    return tuple(tuple(((p + a - 1) % 2, (p + a - 1) // 2, float(t)) for a, t in enumerate(taps)) for p in range(2))
+
+
 class Blur(nn.Module):
     """Holds the blur kernel of an upsampling conv (`conv.blur.kernel` in the checkpoints) and its phase form."""
 
@@ -162,6 +177,7 @@ class Blur(nn.Module):
         # at half the speed (H200, batch 8, 512 -> 512: 0.234 ms, padded 0.114)
         matrix = torch.einsum("pdr,qes->pqders", a, a).reshape(36, 9)
         self.register_buffer("phase_matrix", F.pad(matrix, (0, PADDED_TAPS - 9)), persistent=False)
+        self.phase_terms = blur_phase_terms(separable_taps(self.kernel).tolist())
 
     def phase_rows(self, row_parities: tuple) -> torch.Tensor:
         """The rows of `phase_matrix` for output rows of these parities (both: all of it, a view either way)."""
@@ -232,8 +248,8 @@ def merged(x: torch.Tensor) -> torch.Tensor:
 
 def per_sample_conv(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
     """Packed x [B, C, H, W], weights [B, O, C, k, k] laid out as [B, O, k, k, C] -> [1, B*O, H', W'] channels-last."""
-    b, o, c, k = weight.shape[:4]
-    weight = weight.reshape(b * o, c, k, k)
+    b, o, c, kh, kw = weight.shape
+    weight = weight.reshape(b * o, c, kh, kw)
     out = F.conv2d(merged(x), weight, padding=padding, groups=b)
     # callers index the result by its channels-last memory; a backend that answers in another layout gets copied
     return out.contiguous(memory_format=torch.channels_last)
@@ -399,6 +415,75 @@ def phase_weights(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return k.view(b, o * n, 3, 3, c).permute(0, 1, 4, 2, 3)
 
 
+@fused
+def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+                    demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
+    """`modulated_weight`'s 3x3 kernels as the stride-2 transposed convolution's kernels in phase form
+    (`TRANSPOSED_TAPS` along each axis): [B, 4*O, C, 2, 2] laid out [B, 4*O, 2, 2, C], output channel
+    (row parity, column parity, o)."""
+    w = _modulated(weight, scale, style, delta, demodulate)  # [B, O, 3, 3, C]
+    zero = torch.zeros_like(w[:, :, 0, 0])
+    blocks = [torch.stack([torch.stack([zero if r is None or s is None else w[:, :, r, s] for s in col_taps], dim=2)
+                           for r in row_taps], dim=2)
+              for row_taps in TRANSPOSED_TAPS for col_taps in TRANSPOSED_TAPS]  # each [B, O, 2, 2, C]
+    kernels = torch.cat(blocks, dim=1)
+    batch, n_out, kh, kw, c = kernels.shape
+    out = channels_last_weight((batch, n_out, c, kh, kw), w.device, dtype)
+    out.permute(0, 1, 3, 4, 2).copy_(kernels)
+    return out
+
+
+def blurred_phases(t: torch.Tensor, terms: tuple) -> torch.Tensor:
+    """The blur of a transposed convolution's output t, given in phase form [B, 2, 2, O, H + 1, W + 1] (row parity,
+    column parity, o, row, column), as [B, O, H, 2, W, 2] (row, row parity, column, column parity).
+    terms: `Blur.phase_terms`, along rows and columns alike."""
+    height, width = t.shape[4] - 1, t.shape[5] - 1
+    t = F.pad(t, (1, 0, 1, 0))  # index n + 1 is t's row (column) n of that parity; the blur reads n - 1 .. n + 1
+    rows = []
+    for p in range(2):
+        columns = [sum(a * b * t[:, rp, cp, :, 1 + dn:1 + dn + height, 1 + dm:1 + dm + width]
+                       for rp, dn, a in terms[p] for cp, dm, b in terms[q]) for q in range(2)]
+        rows.append(torch.stack(columns, dim=-1))  # [B, O, H, W, 2]
+    return torch.stack(rows, dim=3)
+
+
+@fused
+def _blurred_activation_into(out, t, terms, noise, noise_weight, bias):
+    out.copy_(_noise_and_activation(blurred_phases(t, terms), noise, noise_weight, bias))
+
+
+@dataclass
+class Upsampled:
+    """An upsampling layer's convolution before interleaving: `parts` are [B, O, H, n, W, 2] views of the phase
+    convolutions (row, row parity, column, column parity), row parities 0 then 1; or, `transposed`, one part: the
+    transposed convolution in phase form for `blurred_phases`."""
+
+    parts: list
+    transposed: bool = False
+    terms: tuple = ()
+
+    def into(self, out: torch.Tensor, noise: Optional[torch.Tensor] = None, noise_weight=None, bias=None):
+        """Writes the layer's output into packed `out` [B, O, 2H, 2W]: the convolution alone, or with noise, bias
+        and activation (StyledConv)."""
+        if self.transposed:
+            (t,) = self.parts
+            if noise is None:
+                phase_view(out).copy_(blurred_phases(t, self.terms))
+            else:
+                _blurred_activation_into(phase_view(out), t, self.terms, phase_view(noise), noise_weight, bias)
+            return out
+        start = 0
+        for part in self.parts:
+            rows = slice(start, start + part.shape[3])
+            start = rows.stop
+            if noise is None:
+                phase_view(out)[:, :, :, rows].copy_(part)
+            else:
+                styled_activation(part, phase_view(noise)[:, :, :, rows], noise_weight, bias,
+                                  phase_view(out)[:, :, :, rows])
+        return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Layers
 
@@ -454,19 +539,25 @@ class ModulatedConv2d(nn.Module):
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def row_parity_groups(self, batch: int, height: int) -> tuple:
-        """Output row parities per phase convolution of an upsampling layer: all four phases in one convolution,
-        or one convolution per row parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow
-        (H200, bf16, batch 8, 256 px input: 1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster)."""
+    def upsample_plan(self, batch: int, height: int) -> tuple:
+        """How an upsampling layer runs at this input size: "transposed", or the output row parities of each
+        blur-folded phase convolution.
+
+        Up to 64 px the transposed form: its kernels have 16 taps per output channel instead of 36 and need no
+        matrix product, which pays where the per-sample weights outweigh the activations (H200, whole layer with
+        weights and epilogue, batch 8: 8 -> 16 px 312 -> 227 us in bf16, 513 -> 390 in tf32). Above, the blur-folded
+        phases, whose epilogue only interleaves: all four phases in one convolution, or one convolution per row
+        parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow (batch 8, 256 px input:
+        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster)."""
+        if height <= TRANSPOSED_UP_TO:
+            return "transposed"
         if batch > 1 and height >= SPLIT_ROW_PARITIES_FROM:
-            return ((0,), (1,))
+            return (0,), (1,)
         return ((0, 1),)
 
     def convolve(self, x: torch.Tensor, style: torch.Tensor, delta: Optional[torch.Tensor] = None):
         """The convolution of packed x with this layer's modulation `style` [B, in] (`modulation(w)`), before noise
-        and bias: packed [B, O, H, W]. Upsampling: a list of [B, O, H, n, W, 2] views (row, row parity, column,
-        column parity) whose row parities together are 0 and 1 in order, i.e. the [B, O, 2H, 2W] output before
-        interleaving (`row_parity_slices`)."""
+        and bias: packed [B, O, H, W], or for an upsampling layer an `Upsampled`."""
         batch, c, h, wd = x.shape
         o = self.out_channel
         if style.shape[0] != batch:
@@ -485,33 +576,30 @@ class ModulatedConv2d(nn.Module):
             weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
+        plan = self.upsample_plan(batch, h)
+        if plan == "transposed":
+            weight = transposed_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
+            out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H+1, W+1], memory (H+1, W+1, B, 2, 2, O)
+            m = 4 * o
+            t = out.as_strided((batch, 2, 2, o, h + 1, wd + 1), (m, 2 * o, o, 1, (wd + 1) * batch * m, batch * m))
+            return Upsampled([t], transposed=True, terms=self.blur.phase_terms)
         weight = padded_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
         parts = []
-        for parities in self.row_parity_groups(batch, h):
+        for parities in plan:
             out = per_sample_conv(x, phase_weights(weight, self.blur.phase_rows(parities)), padding=1)
             n = len(parities)  # out: [1, B*O*2n, H, W], memory (H, W, B, O, row parity, column parity)
             m = 2 * n
             parts.append(out.as_strided((batch, o, h, n, wd, 2), (m * o, m, wd * batch * m * o, 2, batch * m * o, 1)))
-        return parts
+        return Upsampled(parts)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, C, H, W] -> [B, O, H', W'] (packed), the official ModulatedConv2d's output."""
-        out = self.convolve(pack(x), self.modulation(w), delta)
+        x = pack(x)
+        out = self.convolve(x, self.modulation(w), delta)
         if not self.upsample:
             return out
-        b, o, h, _, wd, _ = out[0].shape
-        result = packed_empty(b, o, 2 * h, 2 * wd, like=out[0])
-        for rows, part in row_parity_slices(out):
-            phase_view(result)[:, :, :, rows].copy_(part)
-        return result
-
-
-def row_parity_slices(parts: list):
-    """(slice of output row parities, part) for the parts an upsampling layer's `convolve` returns."""
-    start = 0
-    for part in parts:
-        yield slice(start, start + part.shape[3]), part
-        start += part.shape[3]
+        b, _, h, wd = x.shape
+        return out.into(packed_empty(b, self.out_channel, 2 * h, 2 * wd, like=x))
 
 
 def phase_view(x: torch.Tensor) -> torch.Tensor:
@@ -548,14 +636,12 @@ class StyledConv(nn.Module):
         """= activate(noise(conv(x))), with the interleaving of upsampling phases, the noise, the bias and the
         activation in one step. style: the layer's modulation [B, in] (`conv.modulation(w)`, or
         `Generator.styles`). Packed in, packed out."""
-        y = self.conv.convolve(pack(x), style, delta)
+        x = pack(x)
+        y = self.conv.convolve(x, style, delta)
         if self.conv.upsample:
-            b, o, h, _, wd, _ = y[0].shape
-            out = packed_empty(b, o, 2 * h, 2 * wd, like=y[0])
-            for rows, part in row_parity_slices(y):
-                styled_activation(part, phase_view(noise)[:, :, :, rows], self.noise.weight, self.activate.bias,
-                                  phase_view(out)[:, :, :, rows])
-            return out
+            b, _, h, wd = x.shape
+            out = packed_empty(b, self.conv.out_channel, 2 * h, 2 * wd, like=x)
+            return y.into(out, noise, self.noise.weight, self.activate.bias)
         b, o, h, wd = y.shape
         return styled_activation(y, noise, self.noise.weight, self.activate.bias, packed_empty(b, o, h, wd, like=y))
 

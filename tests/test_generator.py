@@ -67,11 +67,14 @@ def reference_modulated_conv(conv: ModulatedConv2d, x, w, delta=None):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("upsample,split", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("upsample,form", [(False, None), (True, "transposed"), (True, "phases"),
+                                           (True, "split phases")])
 @pytest.mark.parametrize("kind", ["none", "full", "compact"])
-def test_modulated_conv_matches_per_sample_reference(upsample, split, kind, monkeypatch):
-    """split: the upsampling phases as two convolutions, one per output row parity (large layers at batch > 1)."""
-    monkeypatch.setattr(stylegan2, "SPLIT_ROW_PARITIES_FROM", 1 if split else 10 ** 6)
+def test_modulated_conv_matches_per_sample_reference(upsample, form, kind, monkeypatch):
+    """Upsampling forms: a transposed convolution in phase form + blur (small layers), blur-folded phases in one
+    convolution, or as two convolutions, one per output row parity (large layers at batch > 1)."""
+    monkeypatch.setattr(stylegan2, "TRANSPOSED_UP_TO", 10 ** 6 if form == "transposed" else 0)
+    monkeypatch.setattr(stylegan2, "SPLIT_ROW_PARITIES_FROM", 1 if form == "split phases" else 10 ** 6)
     torch.manual_seed(0)
     conv = ModulatedConv2d(8, 6, 3, 16, upsample=upsample)
     x, w = torch.randn(3, 8, 5, 5), torch.randn(3, 16)
@@ -228,3 +231,12 @@ def test_a_function_that_fails_to_compile_runs_eagerly_and_the_others_stay_compi
             assert torch.equal(cannot_compile(x), x + 1)
     assert compiled_calls == ["can_compile"]
     assert not cannot_compile.compiles() and can_compile.compiles()
+
+
+def test_upsampling_form_follows_the_input_size():
+    """Small layers run as a transposed convolution + blur, large ones as blur-folded phases (split at batch > 1)."""
+    conv = ModulatedConv2d(4, 4, 3, 8, upsample=True)
+    assert conv.upsample_plan(8, stylegan2.TRANSPOSED_UP_TO) == "transposed"
+    larger = 2 * stylegan2.TRANSPOSED_UP_TO
+    assert conv.upsample_plan(1, larger) == ((0, 1),)
+    assert conv.upsample_plan(8, max(larger, stylegan2.SPLIT_ROW_PARITIES_FROM)) == ((0,), (1,))
