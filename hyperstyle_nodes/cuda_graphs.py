@@ -29,7 +29,8 @@ class GraphCache:
             entry = self.graphs[key] = self._record(fn, inputs)
         graph, static_inputs, static_outputs = entry
         for dst, src in zip(static_inputs, inputs):
-            dst.copy_(src)
+            if src is not dst:  # a graph that updates an input in place and returns it gets it back as is
+                dst.copy_(src)
         graph.replay()
         return static_outputs
 

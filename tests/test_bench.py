@@ -76,21 +76,28 @@ def test_out_of_memory_halves_the_chunk_and_keeps_results(tiny_model, face_batch
 
 
 class _Replay:
-    """Stands in for GraphCache on the CPU: runs the function on copies of the inputs, like a graph replay, and
-    reuses the same output buffers so that a caller keeping them would see them overwritten."""
+    """Stands in for GraphCache on the CPU, like a graph replay: the function runs on the cache's own input tensors
+    (the caller's inputs are copied in, unless they are those tensors), and the outputs come back in the same
+    buffers every time, so that a caller keeping them would see them overwritten."""
 
     def __init__(self):
-        self.calls, self.outputs = [], {}
+        self.calls, self.inputs, self.outputs = [], {}, {}
 
     def run(self, name, fn, inputs):
         self.calls.append(name[0] if isinstance(name, tuple) else name)
-        result = fn(*[t.clone() for t in inputs])
-        kept = self.outputs.setdefault(str(name), None)
+        key = (str(name),) + tuple(tuple(t.shape) for t in inputs)
+        static = self.inputs.setdefault(key, [t.clone() for t in inputs])
+        for dst, src in zip(static, inputs):
+            if src is not dst:
+                dst.copy_(src)
+        result = fn(*static)
+        kept = self.outputs.setdefault(key, None)
         if kept is None:
-            self.outputs[str(name)] = result
+            self.outputs[key] = result
             return result
         for dst, src in zip(_tensors(kept), _tensors(result)):
-            dst.copy_(src)  # same buffers every replay
+            if dst is not src:
+                dst.copy_(src)  # same buffers every replay
         return kept
 
 
@@ -119,6 +126,21 @@ def test_graph_path_gives_the_eager_results(tiny_model, face_batch, monkeypatch)
     for a, b in zip(graphed.steps, eager.steps):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(graphed_decode, eager_decode, atol=1e-6)
+
+
+def test_graph_path_leaves_the_starting_offsets_alone(tiny_model, face_batch, monkeypatch):
+    """The step graph accumulates offsets in place in its own tensors: offsets passed in to refine further must come
+    back unchanged, and the result must be the eager one."""
+    start = tiny_model.invert(face_batch, n_iters=1)
+    kept = [None if d is None else d.clone() for d in start.deltas]
+    eager = tiny_model.invert(face_batch, n_iters=2, codes=start.codes, deltas=start.deltas)
+    replay = _Replay()
+    monkeypatch.setattr(type(tiny_model), "_graphs", lambda self: replay)
+    graphed = tiny_model.invert(face_batch, n_iters=2, codes=start.codes, deltas=start.deltas)
+    assert replay.calls == ["step", "step"]
+    assert all(torch.equal(a, b) for a, b in zip(start.deltas, kept) if a is not None)
+    assert torch.allclose(graphed.images, eager.images, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(graphed.deltas, eager.deltas) if a is not None)
 
 
 def test_starting_offsets_the_step_graph_does_not_carry_run_eagerly(tiny_model, face_batch, monkeypatch):
