@@ -159,3 +159,32 @@ def test_pool_to_is_the_official_adaptive_pooling(size):
     """Block averaging where 256 divides the image (the fast path), adaptive pooling otherwise: same numbers."""
     y = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     torch.testing.assert_close(pool_to(y), F.adaptive_avg_pool2d(y, 256), rtol=0, atol=1e-6)
+
+
+def test_3xtf32_product_keeps_fp32_accuracy(monkeypatch):
+    """The shared hypernet's large product runs as 3xTF32 on GPUs (`addmm_3xtf32`). The split must be exact with a
+    TF32-representable high part, and the three products must give fp32 accuracy: dropping the correction term
+    would be ~1e-4 off here. The CPU runs the same algebra in fp32, so this checks the math and the wiring; the GPU
+    A/B is in the README."""
+    from hyperstyle_nodes import hypernetwork as hn
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 512, generator=g) * 0.05, torch.randn(512, 700, generator=g) / 40
+    bias = torch.randn(700, generator=g) / 40
+    hi, lo = hn.split_tf32(a)
+    assert torch.equal(hi + lo, a) and not (hi.view(torch.int32) & ((1 << 13) - 1)).any()
+    assert lo.abs().max() <= a.abs().max() * 2 ** -10
+    reference = bias.double() + a.double() @ b.double()
+    assert (hn.addmm_3xtf32(bias, a, b).double() - reference).abs().max() < 2e-7  # fp32 addmm: 6e-8
+    assert (torch.addmm(bias, hi, hn.split_tf32(b)[0]).double() - reference).abs().max() > 1e-5  # hi parts alone
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the switch is put back
+
+    assert not hn.tf32_emulates_fp32(a, b)  # CPU: the plain product
+    hypernet = hn.SharedWeightsHypernet(channels=16, z_dim=32).eval()
+    z = torch.randn(3, 32, generator=g)
+    with torch.no_grad():
+        plain = hypernet(z)
+        monkeypatch.setattr(hn, "tf32_emulates_fp32", lambda *_: True)
+        emulated = hypernet(z)
+    assert emulated.shape == plain.shape == (3, 16, 16, 3, 3)
+    assert torch.allclose(emulated, plain, atol=1e-6, rtol=0)
