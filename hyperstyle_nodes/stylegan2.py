@@ -288,7 +288,7 @@ def fused(fn):
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
                     print("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each batch size "
-                          "takes about a minute longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
+                          "takes one to two minutes longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
                 _raise_recompile_limit()
                 state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
             try:
