@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .stylegan2 import EqualLinear, fused
+from .stylegan2 import EqualLinear, fused, tf32_matmuls
 
 # Layers whose offsets come from the one shared hypernet: the 3x3 convs of the 512-channel resolutions (4-64 px).
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
@@ -109,14 +109,10 @@ def addmm_3xtf32(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     2.70 ms per pass as SGEMM on an H200 and 1.30 ms this way, max error against float64 3.1e-7 (SGEMM 2.2e-7)."""
     a_hi, a_lo = split_tf32(a)
     b_hi, b_lo = split_tf32(b)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_matmuls():
         out = torch.addmm(bias, a_hi, b_hi)
         # the small terms in their own product: added to the large ones inside one accumulator they lost bits
         return out.addmm_(torch.cat([a_hi, a_lo], dim=1), torch.cat([b_lo, b_hi]))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _conv_stack(channels: list, strides: list) -> nn.Sequential:

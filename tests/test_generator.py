@@ -101,6 +101,31 @@ def test_to_rgb_conv_matches_per_sample_reference():
             assert torch.allclose(ours[2:3], alone, atol=1e-6)
 
 
+def test_to_rgb_product_in_tf32_mode_puts_the_matmul_switch_back(monkeypatch):
+    """On CUDA in fp32 under PyTorch's default flags, toRGB's product turns TF32 matrix products on for itself (the
+    official layer is a convolution, which those flags let use TF32). Never on the CPU; forced on here, the layer
+    asks for its product with the batch size, gives the same results (the switch does nothing on the CPU) and the
+    switch is put back."""
+    x = torch.randn(8, 4)
+    assert not stylegan2.conv_product_uses_tf32(x, 2)  # CPU
+    torch.manual_seed(3)
+    conv = ModulatedConv2d(8, 3, 1, 16, demodulate=False)
+    x, w = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
+    with torch.no_grad():
+        plain = conv(x, w)
+        calls = []
+
+        def forced(t, batch):
+            calls.append((tuple(t.shape), batch))
+            return True
+
+        monkeypatch.setattr(stylegan2, "conv_product_uses_tf32", forced)
+        switched = conv(x, w)
+    assert calls == [((36, 32), 4)]
+    assert torch.equal(plain, switched)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
 def test_skip_upsampling_matches_official_upfirdn2d():
     up = Upsample()
     x = torch.randn(2, 3, 9, 9)
