@@ -202,7 +202,7 @@ def chunk_check(master, args, device, report):
             single_deltas = [None if d is None else torch.cat([s.deltas[i].cpu() for s in singles])
                              for i, d in enumerate(singles[0].deltas)]
             del singles
-            for mode in ("auto", "forced"):
+            for mode in args.chunk_modes:
                 reset_memory(model, device)
                 model._chunk_limit = None
                 cap = None
@@ -312,6 +312,8 @@ def main(argv=None):
     p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning (large memory transient)")
     p.add_argument("--chunk-check", type=int, default=0, metavar="N", help="batch of N vs one by one")
     p.add_argument("--chunk-precisions", default="fp32,fp16")
+    p.add_argument("--chunk-modes", default="auto,forced",
+                   help="auto: the planned chunks; forced: all N at once, halved when out of memory")
     p.add_argument("--memory-cap-gib", type=float, default=8.0, help="GPU memory budget for --chunk-check")
     p.add_argument("--parity", action="store_true", help="GPU vs CPU fp32 on tiny released-format checkpoints")
     p.add_argument("--parity-sizes", default="128,256")
@@ -328,6 +330,10 @@ def main(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     args.precisions = args.precisions.split(",")
     args.chunk_precisions = args.chunk_precisions.split(",")
+    args.chunk_modes = args.chunk_modes.split(",")
+    unknown = set(args.chunk_modes) - {"auto", "forced"}
+    if unknown:
+        p.error(f"--chunk-modes: unknown {', '.join(sorted(unknown))} (use auto and/or forced)")
     args.parity_sizes = [int(s) for s in args.parity_sizes.split(",")]
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     set_compile(args.compile)

@@ -2,9 +2,10 @@
 import importlib.util
 import json
 import types
-
-import torch
 from pathlib import Path
+
+import pytest
+import torch
 
 from hyperstyle_nodes.model import HyperStyleModel
 
@@ -211,3 +212,12 @@ def test_graphs_warm_up_on_one_stream_per_device(monkeypatch):
     assert cuda_graphs.warmup_stream(torch.device("cuda", 0)) is first
     assert cuda_graphs.warmup_stream(torch.device("cuda", 1)) is not first
     assert len(made) == 2
+
+
+def test_chunk_check_runs_only_the_modes_asked_for(tmp_path):
+    bench = load_bench()
+    rows = bench.main(["--device", "cpu", "--tiny", "--size", "32", "--iters", "1", "--skip-bench",
+                       "--chunk-check", "2", "--chunk-precisions", "fp32", "--chunk-modes", "auto"])
+    assert [r["mode"] for r in rows if r["kind"] == "chunked"] == ["auto"]
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--chunk-modes", "auto,sometimes"])
