@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .stylegan2 import EqualLinear, fused, tf32_matmuls
+from .stylegan2 import EqualLinear, fused, tf32_for_convolutions_only, tf32_matmuls
 
 # Layers whose offsets come from the one shared hypernet: the 3x3 convs of the 512-channel resolutions (4-64 px).
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
@@ -91,8 +91,7 @@ def tf32_emulates_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `addmm_3xtf32` replaces a strict-fp32 product: on CUDA, in fp32, outside autograd, when the user
     lets convolutions use TF32 (PyTorch's default) but not matrix products (also the default). The strict-fp32
     mode (TF32 off everywhere) keeps cuBLAS's SGEMM."""
-    return (a.is_cuda and a.dtype == b.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-            and not torch.backends.cuda.matmul.allow_tf32
+    return (a.is_cuda and a.dtype == b.dtype == torch.float32 and tf32_for_convolutions_only()
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 

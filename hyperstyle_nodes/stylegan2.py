@@ -273,6 +273,11 @@ def tf32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def tf32_for_convolutions_only() -> bool:
+    """PyTorch's default TF32 flags: convolutions may use TF32 (`cudnn.allow_tf32`), matrix products may not."""
+    return torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def conv_product_uses_tf32(t: torch.Tensor, batch: int) -> bool:
     """Whether toRGB's block-diagonal product (which stands for a convolution) runs with TF32: in fp32 on CUDA
     outside autograd, at batch > 1, when convolutions may use TF32 (`cudnn.allow_tf32`, PyTorch's default) and matrix
@@ -280,8 +285,8 @@ def conv_product_uses_tf32(t: torch.Tensor, batch: int) -> bool:
     as an SGEMM the product does its B-fold redundant work (the zero blocks) in FFMA. H200, batch 8: 1024 px
     0.53 -> 0.46 ms, 256 px 0.22 -> 0.13, pipeline 15.7 -> 15.4 ms/image. At batch 1 there are no zero blocks and
     the SGEMM was as fast or faster (1024 px: 0.13 against 0.21 ms)."""
-    return (batch > 1 and t.is_cuda and t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-            and not torch.backends.cuda.matmul.allow_tf32 and not torch.is_grad_enabled())
+    return (batch > 1 and t.is_cuda and t.dtype == torch.float32 and tf32_for_convolutions_only()
+            and not torch.is_grad_enabled())
 
 
 # ---- fusion -----------------------------------------------------------------------------------------------------
