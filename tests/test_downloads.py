@@ -216,6 +216,20 @@ def test_cached_file_is_used_without_any_request_and_hashed_once(hub, models, mo
     assert (models / downloads.VERIFIED_SIDECAR).is_file()
 
 
+def test_a_sidecar_in_the_first_format_still_spares_the_hashing(models, monkeypatch):
+    """Files checked by an earlier version are not hashed again after an update ({file name: record} sidecar)."""
+    _set_offline(monkeypatch, True)
+    models.mkdir(parents=True)
+    local = models / "tiny_direction.pt"
+    local.write_bytes(DIRECTION_BYTES)
+    stat = local.stat()
+    (models / downloads.VERIFIED_SIDECAR).write_text(json.dumps(
+        {"tiny_direction.pt": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha(DIRECTION_BYTES)}}))
+    monkeypatch.setattr(downloads, "sha256_of_file", lambda p: pytest.fail(f"{p} was hashed again"))
+
+    assert resolve("tiny_direction", progress=False, registry=TEST_REGISTRY) == local
+
+
 @pytest.mark.parametrize("name, content, complaint", [
     ("tiny_generator", GENERATOR_BYTES[:-100], "bytes instead of"),  # truncated
     ("tiny_direction", b"x" * len(DIRECTION_BYTES), "does not match the registry's"),  # right size, other bytes
