@@ -248,13 +248,22 @@ def git_blob_sha1_of_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """A lock shared by every process and thread on this machine (the filelock package, as huggingface_hub uses)."""
-    from filelock import FileLock
+def _file_lock(path: Path, waiting_message: str | None = None):
+    """A lock shared by every process and thread on this machine (the filelock package, as huggingface_hub uses).
+    `waiting_message` is logged when another holder makes us wait."""
+    from filelock import FileLock, Timeout
 
     lock = FileLock(str(path))
-    with lock:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting_message:
+            log.info("HyperStyle: %s", waiting_message)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 class _VerifiedDigests:
@@ -398,7 +407,8 @@ def check_file(path: Path, entry: RegistryEntry) -> str | None:
     reference = _known_reference(entry, path.parent)
     problem = _problem(path, entry, reference)
     if problem is None and reference is None:
-        return "no full sha256 is known for it yet (the registry has none; the Hub's is fetched when it can be reached)"
+        return ("no full sha256 is known for it yet (the registry has none; the Hub's is fetched when it can be "
+                "reached)")
     return problem
 
 
@@ -678,7 +688,8 @@ def _download_checked(entry: RegistryEntry, folder: Path, progress: bool) -> Pat
         raise DownloadError(f"cannot download '{entry.name}' into {folder} ({exc}). Make that folder writable, or "
                             "use another models folder (extra_model_paths.yaml in ComfyUI, HYPERSTYLE_MODELS_DIR "
                             "outside it).") from exc
-    with _download_lock(state / f"{entry.local_name}.lock", entry, folder):
+    waiting = f"another process is downloading {entry.local_name} into {folder}; waiting for it"
+    with _file_lock(state / f"{entry.local_name}.lock", waiting):
         if target.is_file():  # finished by another process while we waited, or put there meanwhile
             problem = _problem(target, entry, hub.reference)
             if problem is not None:
@@ -702,22 +713,6 @@ def _download_checked(entry: RegistryEntry, folder: Path, progress: bool) -> Pat
     raise DownloadError(
         f"'{entry.name}' failed its check after {MAX_DOWNLOADS_PER_FILE} downloads: {problem}. "
         + _manual_download_hint(entry, folder) + ".")
-
-
-@contextlib.contextmanager
-def _download_lock(path: Path, entry: RegistryEntry, folder: Path):
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("HyperStyle: another process is downloading %s into %s; waiting for it", entry.local_name, folder)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _network_error_types() -> tuple[type[BaseException], ...]:
