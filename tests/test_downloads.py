@@ -488,6 +488,18 @@ def test_without_network_the_error_for_a_registry_file_arrives_within_2_s(models
     assert elapsed <= 2.0, f"the error took {elapsed:.1f} s"
 
 
+def test_three_threads_fetching_one_file_share_one_download(hub, models):
+    """A ComfyUI server runs prompts and API calls in several threads of one process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hub.body_seconds = 0.5
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: resolve("tiny_generator", progress=False, registry=TEST_REGISTRY), range(3)))
+
+    assert paths == [models / "tiny_generator.pt"] * 3
+    assert hub.gets() == [GENERATOR_URL]
+
+
 _FETCH_IN_A_PROCESS = """
 import importlib.util, json, os, sys, time
 from pathlib import Path
