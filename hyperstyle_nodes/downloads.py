@@ -560,9 +560,9 @@ def _fetch_checked(entry: RegistryEntry, folders: list[Path], progress: bool) ->
         except _HubUnreachable as exc:
             raise WeightsUnavailableError(
                 f"'{entry.name}' has a copy at {unchecked[0]} of the right size, but its full sha256 cannot be "
-                f"checked: the registry has none, and the Hub, which has it, cannot be reached ({exc}). Connect to "
-                "the Internet once (only the hash is fetched, not the file), or, to use the file unchecked, "
-                f"rename it (e.g. to '{_own_name_example(entry)}') and select that name.") from None
+                f"checked: the registry has none, and the Hub's cannot be fetched now ({exc}). Connect to the "
+                "Internet once (only the hash is fetched, not the file), or, to use the file unchecked, rename it "
+                f"(e.g. to '{_own_name_example(entry)}') and select that name.") from None
         for copy in unchecked:
             problem = _problem(copy, entry, hub.reference)
             if problem is None:
@@ -576,6 +576,11 @@ def _fetch_checked(entry: RegistryEntry, folders: list[Path], progress: bool) ->
 
 def _own_name_example(entry: RegistryEntry) -> str:
     return f"my_{entry.local_name}"
+
+
+def _use_the_hubs_file_anyway(entry: RegistryEntry) -> str:
+    return (f"To use the Hub's file anyway, download {entry.url} by hand, save it under another name (e.g. "
+            f"'{_own_name_example(entry)}') and select that name")
 
 
 def _unusable_error(entry: RegistryEntry, unusable: list[tuple[Path, str]]) -> UnusableFileError:
@@ -650,8 +655,9 @@ def _hub_file(entry: RegistryEntry, folder: Path) -> _HubFile:
     git_sha1 = etag if sha256 is None and _GIT_SHA1_HEX.fullmatch(etag) else None
     where = f"the Hub's '{entry.filename}' in the {entry.repo_type} repo '{entry.repo_id}'"
     if sha256 is None and git_sha1 is None:
-        raise DownloadError(f"{where} comes without a hash (ETag {metadata.etag!r}), so it cannot be checked; "
-                            f"'{entry.name}' was not downloaded. " + _manual_download_hint(entry, folder) + ".")
+        etag_text = f"ETag {metadata.etag!r}" if metadata.etag else "no ETag"
+        raise DownloadError(f"{where} comes without a hash ({etag_text}), so it cannot be checked; '{entry.name}' "
+                            f"was not downloaded. {_use_the_hubs_file_anyway(entry)}.")
     if entry.size is not None and metadata.size is not None and metadata.size != entry.size:
         mismatch = f"it has {metadata.size:,} bytes, the registry says {entry.size:,}"
     elif sha256 is not None and entry.sha256 is not None and not digest_matches(sha256, entry.sha256):
@@ -660,9 +666,8 @@ def _hub_file(entry: RegistryEntry, folder: Path) -> _HubFile:
         mismatch = None
     if mismatch:
         raise DownloadError(f"{where} is not the file the registry describes ({mismatch}); the repo may have "
-                            f"changed. '{entry.name}' was not downloaded. Update hyperstyle-nodes, or, to use the "
-                            f"Hub's file anyway, download {entry.url} by hand, save it under another name (e.g. "
-                            f"'{_own_name_example(entry)}') and select that name.")
+                            f"changed. '{entry.name}' was not downloaded. Update hyperstyle-nodes. "
+                            f"{_use_the_hubs_file_anyway(entry)}.")
     if entry.full_sha256 is not None:
         reference = _Reference(entry.full_sha256, "the registry's", git_sha1=git_sha1, size=metadata.size)
     else:
