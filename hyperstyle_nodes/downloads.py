@@ -48,6 +48,9 @@ VERIFIED_SIDECAR = ".hyperstyle_verified.json"
 # In each download folder: lock files and downloads in progress (hidden, so never listed as models).
 DOWNLOAD_STATE_FOLDER = ".hyperstyle_downloads"
 MAX_DOWNLOADS_PER_FILE = 2  # a bad download is fetched again once, then we give up with an error
+# Connecting to the Hub before a download: without a network (or where packets are dropped) the error comes within
+# this. HF_HUB_ETAG_TIMEOUT, when set (e.g. for a slow satellite link), replaces it.
+HUB_CONNECT_TIMEOUT_S = 1.2
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 
@@ -643,7 +646,7 @@ def _hub_file(entry: RegistryEntry, folder: Path) -> _HubFile:
     url = hf_hub_url(entry.repo_id, entry.filename, repo_type=entry.repo_type)
     try:
         # get_hf_file_metadata does not retry (huggingface_hub's own downloads retry for ~25 s when offline)
-        metadata = get_hf_file_metadata(url)
+        metadata = get_hf_file_metadata(url, timeout=_hub_probe_timeout())
     except _network_error_types() as exc:
         raise _HubUnreachable(f"the Hub could not be reached: {exc.__class__.__name__}: {exc}") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:  # 404/401/5xx
@@ -673,6 +676,23 @@ def _hub_file(entry: RegistryEntry, folder: Path) -> _HubFile:
     else:
         reference = _Reference(sha256, "the Hub's", git_sha1=git_sha1, size=metadata.size)
     return _HubFile(metadata.commit_hash, reference)
+
+
+def _hub_probe_timeout():
+    """HUB_CONNECT_TIMEOUT_S to connect, huggingface_hub's HF_HUB_ETAG_TIMEOUT for the answer, in the form of the
+    HTTP client this huggingface_hub uses (httpx2/httpx Timeout, requests' (connect, read)); else one number."""
+    from huggingface_hub import constants
+
+    answer = float(constants.HF_HUB_ETAG_TIMEOUT)
+    connect = answer if os.environ.get("HF_HUB_ETAG_TIMEOUT") else min(HUB_CONNECT_TIMEOUT_S, answer)
+    hub_http = sys.modules.get("huggingface_hub.utils._http")
+    for client_name in ("httpx2", "httpx"):
+        timeout_class = getattr(getattr(hub_http, client_name, None), "Timeout", None)
+        if isinstance(timeout_class, type):
+            return timeout_class(answer, connect=connect)
+    if hub_http is not None and getattr(hub_http, "requests", None) is not None:
+        return (connect, answer)
+    return answer
 
 
 def _download_checked(entry: RegistryEntry, folder: Path, progress: bool) -> Path:
