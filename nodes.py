@@ -18,8 +18,9 @@ ALIGNED_FACE_TIP = ("Face-aligned photo(s) (use Align Face first). Any size or a
                     "encoders; grayscale is used as RGB and an alpha channel is ignored.")
 
 
-def _comfy_progress(total: int):
-    """A per-iteration callback: advances ComfyUI's progress bar and stops if the user cancelled."""
+def _comfy_progress(total: int, preview_every: int = 0):
+    """A per-iteration callback: advances ComfyUI's progress bar and stops if the user cancelled; with
+    preview_every, shows the current reconstruction the callback receives every that many steps."""
     try:
         import comfy.model_management as mm
         import comfy.utils
@@ -27,11 +28,26 @@ def _comfy_progress(total: int):
         return None
     bar = comfy.utils.ProgressBar(total)
 
-    def on_step(done: int, of: int) -> None:  # `of` counts the iterations of every chunk of a large batch
+    def on_step(done: int, of: int, current=None) -> None:  # `of` counts the iterations of every chunk of a batch
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, of)
+        if current is not None and preview_every and (done % preview_every == 0 or done == of):
+            bar.update_absolute(done, of, _preview(current))
+        else:
+            bar.update_absolute(done, of)
 
     return on_step
+
+
+def _preview(images):
+    """The first image of a [B, 3, H, W] batch in [0, 1] as ComfyUI's progress preview ("JPEG", PIL image, size)."""
+    from PIL import Image
+    try:
+        from comfy.cli_args import args
+        size = args.preview_size
+    except (ImportError, AttributeError):
+        size = 512
+    pixels = (images[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return ("JPEG", Image.fromarray(pixels), size)
 
 
 def _models(*kinds: str) -> list:
@@ -115,6 +131,45 @@ class HyperStyleRefine:
 
     def refine(self, model, image, latent, iterations, deltas=None):
         return ops.refine(model, image, latent, iterations, deltas, on_step=_comfy_progress(iterations))
+
+
+class HyperStyleOptimize:
+    DESCRIPTION = ("The iterator: refines a latent (and optionally HyperStyle's offsets) by gradient descent against "
+                   "the image, starting from the encoder's codes. Sharper, more faithful reconstructions for a few "
+                   "seconds (GPU) to minutes (CPU) per image; 50-200 steps are typical.")
+    PREVIEW_EVERY = 10
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("HYPERSTYLE_MODEL", {"tooltip": "From Load HyperStyle."}),
+            "image": ("IMAGE", {"tooltip": ALIGNED_FACE_TIP + " Same batch as the latent (or the latent has 1)."}),
+            "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Starting codes, from e4e Encode."}),
+            "steps": ("INT", {"default": 100, "min": 0, "max": 5000, "tooltip": "Adam steps (each one generator "
+                                                                                  "pass forward and back)."}),
+            "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001}),
+            "mse": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Pixel L2 weight."}),
+            "lpips": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": (
+                "LPIPS weight (0.8 is the paper's): sharper detail. Needs the `lpips` package and "
+                "alexnet-owt-7be5be79.pth in models/hyperstyle/.")}),
+            "identity": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": (
+                "ArcFace identity weight (faces; 0.1 in the official recipe). Needs model_ir_se50.pth in "
+                "models/hyperstyle/.")}),
+            "optimize": (list(ops.OPTIMIZE_TARGETS), {"default": "codes", "tooltip": (
+                "codes: only the latent (connected offsets stay fixed); codes + offsets: also HyperStyle's weight "
+                "offsets (closer still, edits may keep less of their effect).")}),
+        }, "optional": {
+            "deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "Offsets from HyperStyle Refine to start from (optional)."}),
+        }}
+
+    RETURN_TYPES = ("HYPERSTYLE_LATENT", "HYPERSTYLE_DELTAS", "IMAGE")
+    RETURN_NAMES = ("latent", "deltas", "reconstruction")
+    FUNCTION = "optimize"
+    CATEGORY = CATEGORY
+
+    def optimize(self, model, image, latent, steps, learning_rate, mse, lpips, identity, optimize, deltas=None):
+        return ops.optimize(model, image, latent, steps, learning_rate, mse, lpips, identity, optimize, deltas,
+                            on_step=_comfy_progress(steps, self.PREVIEW_EVERY))
 
 
 class HyperStyleDecode:
@@ -333,6 +388,7 @@ NODE_CLASS_MAPPINGS = {
     "HyperStyleLoader": HyperStyleLoader,
     "HyperStyleEncode": HyperStyleEncode,
     "HyperStyleRefine": HyperStyleRefine,
+    "HyperStyleOptimize": HyperStyleOptimize,
     "HyperStyleDecode": HyperStyleDecode,
     "HyperStyleLoadGenerator": HyperStyleLoadGenerator,
     "HyperStyleAlignFace": HyperStyleAlignFace,
@@ -347,6 +403,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleLoader": "Load HyperStyle",
     "HyperStyleEncode": "e4e Encode",
     "HyperStyleRefine": "HyperStyle Refine",
+    "HyperStyleOptimize": "HyperStyle Optimize",
     "HyperStyleDecode": "Decode",
     "HyperStyleLoadGenerator": "Load Generator (domain)",
     "HyperStyleAlignFace": "Align Face",

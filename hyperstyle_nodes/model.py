@@ -203,6 +203,13 @@ class HyperStyleModel(nn.Module):
 
         return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False), codes.device))
 
+    def optimize(self, images: torch.Tensor, codes: torch.Tensor, deltas: Optional[Deltas] = None, **options) -> Inversion:
+        """Refine codes (and optionally offsets) by gradient descent against the images: see optimize.optimize
+        (steps, lr, mse, lpips, id, optimize_deltas, on_step, losses, weights)."""
+        from .optimize import optimize
+
+        return optimize(self, images, codes, deltas, **options)
+
     def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
         graphs = self._graphs()

@@ -233,6 +233,32 @@ def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: 
     return out, bchw_to_image(inv.images)
 
 
+OPTIMIZE_TARGETS = ("codes", "codes + offsets")
+
+
+def optimize(model: LoadedModel, image: torch.Tensor, latent: Latent, steps: int = 100, learning_rate: float = 0.01,
+             mse: float = 1.0, lpips: float = 0.0, identity: float = 0.0, target: str = "codes",
+             offsets: Optional[Offsets] = None, on_step: Optional[Callable] = None) -> tuple:
+    """The iterator (optimize.py) from a latent (+ offsets) -> (Latent, Offsets, reconstruction IMAGE).
+    target: what is optimised, "codes" (offsets, if given, stay fixed) or "codes + offsets"."""
+    if target not in OPTIMIZE_TARGETS:
+        raise ValueError(f"target must be one of {OPTIMIZE_TARGETS}, got {target!r}")
+    hs = model.use()
+    _check_latent(model, latent)
+    x = image_to_bchw(image)
+    if offsets is not None:
+        _check_offsets(hs, offsets)
+    batch = _broadcast_batches(images=x.shape[0], latent=latent.batch,
+                               offsets=None if offsets is None else offsets.batch)
+    if x.shape[0] != batch:
+        x = x.expand(batch, -1, -1, -1)
+    deltas = None if offsets is None else [_on_model(hs, d) for d in offsets.deltas]
+    inv = hs.optimize(x, _on_model(hs, latent.codes), deltas, steps=steps, lr=learning_rate, mse=mse, lpips=lpips,
+                      id=identity, optimize_deltas=target == "codes + offsets", on_step=on_step)
+    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id)
+    return Latent(inv.codes.float().cpu(), model.model_id), out, bchw_to_image(inv.images)
+
+
 def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None, output_size: str = "native",
            generator: Optional[LoadedGenerator] = None) -> torch.Tensor:
     """Codes (+ offsets) -> IMAGE; with `generator`, decode on another domain's generator (domain adaptation)."""
