@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--layers", default=None, metavar="START:END",
                       help="edit only style layers START..END-1 (default: all)")
     edit.add_argument("--iterations", type=int, default=5, help="HyperStyle refinement passes (default 5)")
+    edit.add_argument("--optimize-steps", type=int, default=0, metavar="N",
+                      help="then refine the codes by N steps of gradient descent against the face (the iterator; "
+                           "sharper, slower: about N generator passes forward and back per face; default 0: off)")
+    edit.add_argument("--optimize-lr", type=float, default=0.01, help="the iterator's learning rate (default 0.01)")
+    edit.add_argument("--optimize-lpips", type=float, default=0.0,
+                      help="the iterator's LPIPS weight (0.8 in the paper; needs the lpips package and "
+                           "alexnet-owt-7be5be79.pth in the models folder; default 0: pixel L2 only)")
     edit.add_argument("--checkpoint", default="hyperstyle_ffhq", help="HyperStyle checkpoint: registry name or file")
     edit.add_argument("--encoder", default="faces_w_encoder",
                       help="initial encoder: faces_w_encoder (W), e4e_ffhq_encode (W+) or a file")
@@ -98,6 +105,7 @@ def run_edit(args) -> int:
     from . import alignment, ops
     from .checkpoints import CheckpointError
     from .downloads import WeightsError
+    from .train.losses import LossWeightsError
 
     if args.models_dir is not None:
         os.environ["HYPERSTYLE_MODELS_DIR"] = str(args.models_dir)
@@ -105,6 +113,8 @@ def run_edit(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         edits, layers = parse_edits(args.edit), parse_layers(args.layers)
+        if args.optimize_steps < 0 or args.optimize_lr <= 0:
+            raise ValueError("--optimize-steps must be >= 0 and --optimize-lr > 0")
         photos = find_photos(args.input)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -118,7 +128,10 @@ def run_edit(args) -> int:
         model = ops.load_model(args.checkpoint, args.encoder, args.precision, args.device)
         for name, _ in edits:  # fail early on a bad direction, before any photo is processed
             ops.load_edit(name, model.n_styles, model.use().generator.style_dim)
-    except (WeightsError, CheckpointError, ValueError, FileNotFoundError) as err:
+        if args.optimize_steps > 0:  # and on the iterator's settings and loss networks
+            from .optimize import image_losses
+            image_losses(1.0, args.optimize_lpips)
+    except (WeightsError, CheckpointError, ValueError, FileNotFoundError, LossWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_WEIGHTS
 
@@ -132,6 +145,8 @@ def run_edit(args) -> int:
                                                    "error")
             latent, _ = ops.encode(model, faces)
             offsets, _ = ops.refine(model, faces, latent, args.iterations)
+            if args.optimize_steps > 0:
+                latent, offsets, _ = _optimize(ops, model, faces, latent, offsets, args, tqdm)
             edited = latent
             for name, strength in edits:
                 edited = ops.apply_edit(edited, name, strength, *layers)
@@ -163,6 +178,13 @@ def run_edit(args) -> int:
             return EXIT_NO_FACE
         return EXIT_PARTIAL
     return EXIT_OK if not (no_face or failed) else EXIT_PARTIAL
+
+
+def _optimize(ops, model, faces, latent, offsets, args, tqdm):
+    """The iterator after HyperStyle's refinement, with a progress bar of its own."""
+    with tqdm(total=args.optimize_steps, desc="optimize", unit="step", leave=False) as bar:
+        return ops.optimize(model, faces, latent, args.optimize_steps, args.optimize_lr, lpips=args.optimize_lpips,
+                            offsets=offsets, on_step=lambda done, total, current: bar.update(1))
 
 
 def _save(image_hwc, path: Path) -> None:

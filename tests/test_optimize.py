@@ -224,3 +224,38 @@ def test_node_can_be_cancelled(node_model, face_batch, monkeypatch):
     with pytest.raises(Interrupted):
         pack_nodes.HyperStyleOptimize().optimize(node_model, image, latent, 100, 0.01, 1.0, 0.0, 0.0, "codes")
     assert [u[0] for u in updates] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI flag
+
+
+def test_cli_optimize_steps_changes_the_saved_inversion(tiny_ckpts, assets_dir, tmp_path, monkeypatch, capsys):
+    from hyperstyle_nodes import cli, inversion_io
+
+    monkeypatch.delenv("HYPERSTYLE_MODELS_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the CLI sets these for its process; undone after
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, path in tiny_ckpts.items():
+        shutil.copy(path, models / f"tiny_{name}.pt")
+    shutil.copy(assets_dir / "models/retinaface/retinaface_mobilenet0.25.pth", models)
+    photo = assets_dir / "testdata" / "faces" / "astronaut.png"
+    common = ["--models-dir", str(models), "--checkpoint", "tiny_hyperstyle.pt", "--encoder", "tiny_w_encoder.pt",
+              "--detector", "retinaface_mobilenet0.25.pth", "--align-size", "256", "--iterations", "1", "--device",
+              "cpu", "--offline", "--save-inversion"]
+    codes = {}
+    for steps in (0, 3):
+        out = tmp_path / f"out{steps}"
+        assert cli.main(["edit", str(photo), "--out", str(out), "--optimize-steps", str(steps), *common]) == cli.EXIT_OK
+        codes[steps] = inversion_io.load_inversion(next(out.glob("astronaut_inversion*.safetensors")))[0]
+    assert codes[0].shape == codes[3].shape and not torch.equal(codes[0], codes[3])
+    # a loss network that is not there fails before any photo, saying what to do
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _cached_losses.cache_clear()
+    code = cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), "--optimize-steps", "3",
+                     "--optimize-lpips", "0.8", *common])
+    assert code == cli.EXIT_WEIGHTS
+    assert "set the LPIPS / identity weight to 0" in capsys.readouterr().err
+    assert cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), "--optimize-steps", "-1", *common]) == \
+        cli.EXIT_USAGE
