@@ -20,7 +20,7 @@ ALIGNED_FACE_TIP = ("Face-aligned photo(s) (use Align Face first). Any size or a
 
 def _comfy_progress(total: int, preview_every: int = 0):
     """A per-iteration callback: advances ComfyUI's progress bar and stops if the user cancelled; with
-    preview_every, shows the current reconstruction the callback receives every that many steps."""
+    preview_every, shows the current reconstruction the callback receives at the first step, then every that many."""
     try:
         import comfy.model_management as mm
         import comfy.utils
@@ -30,7 +30,7 @@ def _comfy_progress(total: int, preview_every: int = 0):
 
     def on_step(done: int, of: int, current=None) -> None:  # `of` counts the iterations of every chunk of a batch
         mm.throw_exception_if_processing_interrupted()
-        if current is not None and preview_every and (done % preview_every == 0 or done == of):
+        if current is not None and preview_every and (done == 1 or done % preview_every == 0 or done == of):
             bar.update_absolute(done, of, _preview(current))
         else:
             bar.update_absolute(done, of)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR t
 WORKFLOWS = REPO_ROOT / "example_workflows"
 NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode", "HyperStyleAlignFace",
             "HyperStylePasteBack", "HyperStyleApplyEdit", "HyperStyleEditSweep", "HyperStyleLoadGenerator",
-            "HyperStyleSaveInversion", "HyperStyleLoadInversion"]
+            "HyperStyleSaveInversion", "HyperStyleLoadInversion", "HyperStyleOptimize"]
 TINY = {"hyperstyle_ffhq": "tiny_hyperstyle.pt", "faces_w_encoder": "tiny_w_encoder.pt",
         "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt",
         "retinaface_resnet50": "retinaface_mobilenet0.25.pth",
@@ -171,3 +171,59 @@ def test_no_face_is_a_clear_execution_error(server, assets_dir):
     assert "no face found in batch image 0" in err["exception_message"] and "center_crop" in err["exception_message"]
     prompt["2"]["inputs"]["on_no_face"] = "center_crop"
     assert server.run_prompt(prompt)["status"]["status_str"] == "success"
+
+
+def optimize_workflow(steps: int) -> dict:
+    """invert_reconstruct with HyperStyle Optimize between Refine and Decode."""
+    prompt = load_workflow("invert_reconstruct_api.json")
+    prompt["8"] = {"class_type": "HyperStyleOptimize", "inputs": {
+        "model": ["2", 0], "image": ["1", 0], "latent": ["3", 0], "deltas": ["4", 0], "steps": steps,
+        "learning_rate": 0.01, "mse": 1.0, "lpips": 0.0, "identity": 0.0, "optimize": "codes"}}
+    prompt["5"]["inputs"].update(latent=["8", 0], deltas=["8", 1])
+    del prompt["7"]
+    return prompt
+
+
+def test_optimize_shows_progress_with_previews_and_can_be_cancelled(server):
+    """Over ComfyUI's websocket: progress messages and preview images from the Optimize node, then POST /interrupt
+    stops it mid-run; a short run afterwards completes."""
+    import asyncio
+    import uuid
+
+    import aiohttp
+
+    async def drive():
+        client_id = str(uuid.uuid4())
+        progress, previews, events = [], 0, []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+                async with session.post(f"{server.url}/prompt",
+                                        json={"prompt": optimize_workflow(5000), "client_id": client_id}) as r:
+                    assert r.status == 200, await r.text()
+                interrupted_sent = False
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=300)
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        previews += int.from_bytes(msg.data[:4], "big") == 1  # PREVIEW_IMAGE: a JPEG follows
+                        continue
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        raise AssertionError(f"websocket closed: {msg}")
+                    data = json.loads(msg.data)
+                    events.append(data["type"])
+                    if data["type"] == "progress" and data["data"]["node"] == "8":
+                        progress.append((data["data"]["value"], data["data"]["max"]))
+                        if len(progress) >= 3 and previews and not interrupted_sent:
+                            async with session.post(f"{server.url}/interrupt", json={}) as r:
+                                assert r.status == 200
+                            interrupted_sent = True
+                    if data["type"] in ("execution_interrupted", "execution_success", "execution_error"):
+                        return progress, previews, data["type"]
+
+    progress, previews, end = asyncio.run(drive())
+    assert end == "execution_interrupted", server.log()[-3000:]
+    assert [v for v, _ in progress[:3]] == [1, 2, 3] and all(m == 5000 for _, m in progress)
+    assert previews >= 1
+    assert progress[-1][0] < 100, "the run went on long after the interrupt"
+    entry = server.run_prompt(optimize_workflow(3))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    print(f"progress updates before the interrupt took effect: {len(progress)}, previews: {previews}")

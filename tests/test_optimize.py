@@ -209,7 +209,7 @@ def test_node_shows_progress_with_previews_and_chains_into_decode(node_model, fa
         node_model, image, latent, 5, 0.05, 1.0, 0.0, 0.0, "codes + offsets", deltas)
     assert [u[:2] for u in updates] == [(i, 5) for i in range(1, 6)]
     previews = [u[2] for u in updates]
-    assert [p is not None for p in previews] == [False, True, False, True, True]  # every 2nd step and the last
+    assert [p is not None for p in previews] == [True, True, False, True, True]  # the first, every 2nd, the last
     kind, picture, _ = previews[1]
     assert kind == "JPEG" and picture.size == (128, 128)
     assert recon.shape == (1, 128, 128, 3) and out_latent.codes.shape == latent.codes.shape
