@@ -78,32 +78,42 @@ def optimize(model, images: torch.Tensor, codes: torch.Tensor, deltas: Optional[
     with torch.inference_mode(False), torch.enable_grad():
         target = model.preprocess(images).float().clone()  # [-1, 1] at 256, an ordinary tensor
         batch = target.shape[0]
-        size = min(model.resolution, HYPERNET_INPUT_SIZE)
-        target = pool_to(target, size)
+        target = pool_to(target, min(model.resolution, HYPERNET_INPUT_SIZE))
         if losses is None:
             losses = image_losses(mse, lpips, id, weights)
-        losses = losses.to(model.device)
         generator = _trainable_generator(model.generator)
-        w = _match_batch(codes, batch, "codes").detach().to(model.device, torch.float32).clone().requires_grad_(True)
+        codes = _match_batch(codes, batch, "codes").to(model.device)
         offsets = _start_offsets(model, deltas, batch, optimize_deltas)
-        params = [w] + ([d for d in offsets if d is not None] if optimize_deltas else [])
-        adam = torch.optim.Adam(params, lr=lr)
-        for step in range(steps):
+        codes, offsets = descend(generator, target, codes, offsets, losses.to(model.device), steps, lr,
+                                 optimize_deltas, on_step)
+        with torch.no_grad():
+            final = generator(codes, offsets, noise_mode="const")
+    return Inversion(codes=codes.to(model.dtype), images=to_unit_range(final),
+                     deltas=list(offsets) if offsets is not None else [None] * model.generator.n_layers)
+
+
+def descend(generator, target: torch.Tensor, codes: torch.Tensor, offsets: Optional[list], losses, steps: int,
+            lr: float, optimize_deltas: bool = False, on_step: Optional[Callable] = None) -> tuple:
+    """The iteration itself, shared by `optimize` and collaborative training: Adam on fp32 copies of `codes`
+    (W+ [B, n_styles, D], or W [B, D] for one code per image) and, with optimize_deltas, of `offsets`, against
+    `target` [B, 3, s, s] in [-1, 1]. Returns the detached (codes, offsets)."""
+    batch, size = target.shape[0], target.shape[-1]
+    w = codes.detach().float().clone().requires_grad_(True)
+    params = [w] + ([d for d in offsets if d is not None] if optimize_deltas else [])
+    adam = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        with torch.enable_grad():
             y = generator(w, offsets, noise_mode="const")
             loss, _ = losses(y, target)
             # the sum over images (the loss is a batch mean): every image's gradient is its own loss's gradient.
             # autograd.grad, not backward: no gradients for the generator's or the loss networks' weights
             grads = torch.autograd.grad(loss * batch, params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            adam.step()
-            if on_step is not None:
-                on_step(step + 1, steps, to_unit_range(pool_to(y.detach(), size)))
-        with torch.no_grad():
-            final = generator(w, offsets, noise_mode="const")
-    n_layers = model.generator.n_layers
-    return Inversion(codes=w.detach().to(model.dtype), images=to_unit_range(final),
-                     deltas=[None if d is None else d.detach() for d in (offsets or [None] * n_layers)])
+        for p, g in zip(params, grads):
+            p.grad = g
+        adam.step()
+        if on_step is not None:
+            on_step(step + 1, steps, to_unit_range(pool_to(y.detach(), size)))
+    return w.detach(), None if offsets is None else [None if d is None else d.detach() for d in offsets]
 
 
 def _start_offsets(model, deltas: Optional[list], batch: int, trainable: bool) -> Optional[list]:

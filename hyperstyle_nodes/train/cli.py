@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-init", choices=["arcface", "none"], default=None,
                    help="start the IR-SE-50 from ArcFace weights (default for --arch full, as pSp/e4e) or at random")
     p.add_argument("--w-norm-lambda", type=float, default=0.0, help="pSp's W-norm regulariser")
+    g = p.add_argument_group("collaborative learning (Guan et al. 2020)")
+    g.add_argument("--collaborative", action="store_true",
+                   help="each batch, the iterator refines the encoder's codes; the best code per training image is "
+                        "cached and supervises the encoder through a latent loss (checkpoints unchanged)")
+    g.add_argument("--iterator-steps", type=int, default=5, help="iterator steps per batch")
+    g.add_argument("--iterator-lr", type=float, default=0.01, help="the iterator's Adam learning rate")
+    g.add_argument("--latent-lambda", type=float, default=1.0, help="weight of the latent loss to the cached codes")
     _training_options(p)
 
     p = sub.add_parser("hypernet", help="train the HyperStyle hypernetwork (generator and W-encoder frozen)",

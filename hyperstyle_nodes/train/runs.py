@@ -103,10 +103,18 @@ def run_encoder(args, info: DistInfo) -> dict:
     opts = {**_common_opts(args, "encoder", generator.size, lambdas, gen_file.path), "encoder_type": "WEncoder",
             "input_nc": 3, "dataset_type": f"{args.domain or 'custom'}_encode", "start_from_latent_avg": True,
             "w_norm_lambda": args.w_norm_lambda, "encoder_init": init}
-    stage = EncoderStage(generator, encoder, latent_avg, _losses(args, lambdas), info, bf16=args.precision == "bf16",
-                         w_norm_lambda=args.w_norm_lambda, opts=opts)
-    say(info, f"encoder stage: {generator.size}-px generator {gen_file.path.name}, {described}, "
-              f"{info.world_size} process(es) on {info.device}, losses {lambdas}")
+    stage_class, extra = EncoderStage, {}
+    if getattr(args, "collaborative", False):
+        from .collaborative import CollaborativeEncoderStage
+
+        stage_class = CollaborativeEncoderStage
+        extra = dict(iterator_steps=args.iterator_steps, iterator_lr=args.iterator_lr, latent_lambda=args.latent_lambda)
+        opts.update(collaborative=True, **extra)
+    stage = stage_class(generator, encoder, latent_avg, _losses(args, lambdas), info, bf16=args.precision == "bf16",
+                        w_norm_lambda=args.w_norm_lambda, opts=opts, **extra)
+    say(info, f"encoder stage{' (collaborative: ' + str(extra) + ')' if extra else ''}: {generator.size}-px "
+              f"generator {gen_file.path.name}, {described}, {info.world_size} process(es) on {info.device}, "
+              f"losses {lambdas}")
     return _finish(args, info, stage, train_set, val_set)
 
 

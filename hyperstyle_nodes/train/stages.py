@@ -73,16 +73,16 @@ class EncoderStage(Stage):
             w_norm = (codes.float() - model.encoder_latent_avg).flatten(1).norm(dim=1).mean()
             loss = loss + self.w_norm_lambda * w_norm
             metrics.update(w_norm=w_norm.detach(), loss=loss.detach())
-        return loss, metrics, out
+        return loss, metrics, out, codes
 
     def train_step(self, x, y, want_images=False):
-        loss, metrics, out = self._forward(self.model, x, y)
+        loss, metrics, out, _ = self._forward(self.model, x, y)
         loss.backward()
         return metrics, ([x, pool_to(out.detach().float())] if want_images else None)
 
     @torch.no_grad()
     def evaluate(self, x, y):
-        _, metrics, out = self._forward(self.eval_model, x, y)
+        _, metrics, out, _ = self._forward(self.eval_model, x, y)
         return metrics, [x, pool_to(out.float())]
 
     def payload(self) -> dict:
