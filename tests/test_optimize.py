@@ -4,6 +4,7 @@ download)."""
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,35 @@ def test_cli_optimize_steps_changes_the_saved_inversion(tiny_ckpts, assets_dir, 
     assert "set the LPIPS / identity weight to 0" in capsys.readouterr().err
     assert cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), "--optimize-steps", "-1", *common]) == \
         cli.EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark (CPU smoke run on a run folder of tiny checkpoints)
+
+
+def test_bench_optimize_on_cpu(tiny_ckpts, face_batch, tmp_path):
+    import json
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_optimize
+
+    run = tmp_path / "run"
+    for stage, name in (("hypernet", "hyperstyle"), ("encoder", "w_encoder")):
+        (run / stage / "checkpoints").mkdir(parents=True)
+        shutil.copy(tiny_ckpts[name], run / stage / "checkpoints" / "best_model.pt")
+    (run / "domain" / "val").mkdir(parents=True)
+    for i, image in enumerate(face_batch):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(run / "domain/val" / f"{i}.png")
+    out = tmp_path / "bench.jsonl"
+    assert bench_optimize.main(["--run", str(run), "--device", "cpu", "--steps", "0,2", "--n-iters", "1", "--lr",
+                                "0.05", "--speed", "--speed-size", "32", "--speed-steps", "2", "--speed-warmup", "1",
+                                "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    quality = {(r["start"], r["steps"]): r for r in rows if r["kind"] == "quality"}
+    assert set(quality) == {(s, k) for s in ("a_average_latent", "b_encoder", "c_encoder_hyperstyle") for k in (0, 2)}
+    for start in ("a_average_latent", "b_encoder", "c_encoder_hyperstyle"):
+        assert quality[(start, 2)]["l2"] < quality[(start, 0)]["l2"]
+    speed = [r for r in rows if r["kind"] == "speed"]
+    assert len(speed) == 1 and speed[0]["steps_per_second"] > 0
