@@ -19,7 +19,7 @@ import torch
 from .model import HYPERNET_INPUT_SIZE, Inversion, _match_batch, pool_to, to_unit_range
 
 DEFAULT_STEPS = 100
-DEFAULT_LR = 0.01  # Adam on W+ codes, as in e4e/PTI's latent optimisation
+DEFAULT_LR = 0.01  # Adam on W+ codes (values of order 1): visible progress in 10s of steps without overshooting
 
 
 def image_losses(mse: float = 1.0, lpips: float = 0.0, id: float = 0.0, weights: Optional[dict] = None):
