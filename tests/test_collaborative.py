@@ -1,6 +1,10 @@
 """Collaborative training (`encoder --collaborative`): the code cache keeps each image's best code; a tiny run on a
 32-px synthetic domain trains, logs the latent loss and the cache, and writes the released W-encoder format."""
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,24 +36,55 @@ def test_image_keys_identify_images():
     assert image_keys(images.flip(-1))[0] != keys[0]  # a flipped image is another image
 
 
-def test_collaborative_encoder_run(tmp_path):
-    domain = build_domain(tmp_path / "domain", SyntheticDomain(size=32, train_images=8, val_images=2, seed=3),
-                          (5, 6, 8, 9), log=lambda *a: None)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    return build_domain(tmp_path_factory.mktemp("domain"), SyntheticDomain(size=32, train_images=8, val_images=2,
+                                                                             seed=3), (5, 6, 8, 9), log=lambda *a: None)
+
+
+def collaborative_args(domain, out, *extra):
+    return ["encoder", "--collaborative", "--iterator-steps", "2", "--generator", str(domain["generator"]),
+            "--out", str(out), "--lr", "1e-3", "--domain", "synthetic", "--train-dir", str(domain["train"]),
+            "--val-dir", str(domain["val"]), "--no-flip", "--arch", "micro", "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--log-interval", "1", "--no-tensorboard", "--val-batches", "0", *extra]
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_collaborative_encoder_run(domain, tmp_path):
     out = tmp_path / "run"
-    rc = main(["encoder", "--collaborative", "--iterator-steps", "2", "--generator", str(domain["generator"]),
-               "--out", str(out), "--max-steps", "4", "--lr", "1e-3", "--val-interval", "4", "--domain", "synthetic",
-               "--train-dir", str(domain["train"]), "--val-dir", str(domain["val"]), "--no-flip", "--arch", "micro",
-               "--batch-size", "2", "--workers", "0", "--device", "cpu", "--log-interval", "1",
-               "--image-interval", "2", "--no-tensorboard", "--val-batches", "0"])
-    assert rc == 0
-    with open(out / "logs" / "train.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4
-    assert [float(r["cache_images"]) for r in rows] == [2, 4, 6, 8]  # one epoch of 8 images, 2 per batch
-    assert all(float(r["latent"]) > 0 for r in rows)
+    assert main(collaborative_args(domain, out, "--max-steps", "4", "--val-interval", "4", "--image-interval",
+                                   "2")) == 0
+    logged = rows(out / "logs" / "train.csv")
+    assert len(logged) == 4
+    assert [float(r["cache_images"]) for r in logged] == [2, 4, 6, 8]  # one epoch of 8 images, 2 per batch
+    assert all(float(r["latent"]) > 0 for r in logged)
     # the training loss is the image loss plus the latent loss
-    assert all(float(r["loss"]) == pytest.approx(float(r["l2"]) + float(r["latent"]), rel=1e-4) for r in rows)
+    assert all(float(r["loss"]) == pytest.approx(float(r["l2"]) + float(r["latent"]), rel=1e-4) for r in logged)
     enc = load_w_encoder_file(out / "checkpoints" / "best_model.pt")  # the released W-encoder format
     assert enc.output_size == 32 and enc.generator is not None
     opts = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True, map_location="cpu")["opts"]
     assert opts["collaborative"] is True and opts["iterator_steps"] == 2
+
+
+def test_collaborative_under_torchrun_shares_the_cache(domain, tmp_path):
+    """Two processes: the same weights on both, and each step's cache holds both processes' images."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "hyperstyle_nodes.train", *collaborative_args(domain, out, "--max-steps", "2", "--val-interval", "0",
+                                                         "--image-interval", "0", "--dump-rank-params")]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    ranks = [torch.load(out / "debug" / f"params_rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    assert [float(r["cache_images"]) for r in rows(out / "logs" / "train.csv")] == [4, 8]  # 2 processes x 2 images
