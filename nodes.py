@@ -147,7 +147,8 @@ class HyperStyleOptimize:
             "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Starting codes, from e4e Encode."}),
             "steps": ("INT", {"default": 100, "min": 0, "max": 5000, "tooltip": "Adam steps (each one generator "
                                                                                   "pass forward and back)."}),
-            "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001}),
+            "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001, "tooltip": (
+                "Adam's step size on the codes: higher moves faster but may overshoot.")}),
             "mse": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Pixel L2 weight."}),
             "lpips": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": (
                 "LPIPS weight (0.8 is the paper's): sharper detail. Needs the `lpips` package and "
