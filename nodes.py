@@ -6,11 +6,11 @@ from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
     from .hyperstyle_nodes import alignment as face_alignment
-    from .hyperstyle_nodes import downloads, ops
+    from .hyperstyle_nodes import downloads, ops, warmup
     from .hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 except ImportError:  # imported as a top-level module (tests, scripts)
     from hyperstyle_nodes import alignment as face_alignment
-    from hyperstyle_nodes import downloads, ops
+    from hyperstyle_nodes import downloads, ops, warmup
     from hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 
 CATEGORY = "HyperStyle"
@@ -32,6 +32,23 @@ def _comfy_progress(total: int):
         bar.update_absolute(done, of)
 
     return on_step
+
+
+def _comfy_notice(message: str) -> None:
+    """A first-call notice (kernels compiling for a new batch size or precision): on the console, and under the running
+    node in ComfyUI's UI, where the progress bar would otherwise sit still."""
+    print(message, flush=True)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # outside ComfyUI, or one without node texts: the console line is all
+        return
+    context = get_executing_context()
+    if context is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text(message, context.node_id)
+
+
+warmup.set_default_listener(_comfy_notice)
 
 
 def _models(*kinds: str) -> list:

@@ -95,7 +95,7 @@ def run_edit(args) -> int:
     from PIL import Image, ImageOps
     from tqdm import tqdm
 
-    from . import alignment, ops
+    from . import alignment, ops, warmup
     from .checkpoints import CheckpointError
     from .downloads import WeightsError
 
@@ -130,12 +130,13 @@ def run_edit(args) -> int:
                 image = torch.from_numpy(np.array(ImageOps.exif_transpose(photo).convert("RGB"))).float()[None] / 255
             faces, records = alignment.align_batch(image, detector, args.align_size, args.faces, 0, args.threshold,
                                                    "error")
-            latent, _ = ops.encode(model, faces)
-            offsets, _ = ops.refine(model, faces, latent, args.iterations)
-            edited = latent
-            for name, strength in edits:
-                edited = ops.apply_edit(edited, name, strength, *layers)
-            decoded = ops.decode(model, edited, offsets)
+            with warmup.listening(tqdm.write):  # "first run at batch N: compiling..." between the bar's lines
+                latent, _ = ops.encode(model, faces)
+                offsets, _ = ops.refine(model, faces, latent, args.iterations)
+                edited = latent
+                for name, strength in edits:
+                    edited = ops.apply_edit(edited, name, strength, *layers)
+                decoded = ops.decode(model, edited, offsets)
             result, _ = alignment.paste_back_batch(image, decoded, records, feather=args.feather)
         except alignment.NoFaceError as err:
             no_face.append(path.name)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import warmup
+
 BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
 SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
@@ -315,8 +317,10 @@ def fused(fn):
             if state["compiled"] is None:
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
-                    print("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each batch size "
-                          "takes one to two minutes longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
+                    cache = warmup.use_persistent_cache()
+                    warmup.notice("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each "
+                                  "batch size and precision takes longer; HYPERSTYLE_COMPILE=0 turns this off)"
+                                  + (f"; kept in {cache}" if cache else ""))
                 _raise_recompile_limit()
                 state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
             try:
@@ -331,6 +335,10 @@ def fused(fn):
 
     wrapper.compiles = compiles
     return wrapper
+
+
+def compile_enabled() -> bool:
+    return _COMPILE["enabled"]
 
 
 def on_gpu(t: torch.Tensor) -> bool:
