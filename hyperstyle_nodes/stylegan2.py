@@ -403,11 +403,49 @@ def _modulated(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: O
     return w
 
 
+def _factors(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+             demodulate: bool) -> Optional[torch.Tensor]:
+    """fp32 factors f [B, O|1, C] with `_modulated` = W * f broadcast over the taps, or None where the offsets differ
+    between taps. The demodulation's sum over C and the taps is sum_c f^2 * sum_taps W^2, a sum over [B, O, C]: so
+    without torch.compile a per-sample weight is one multiply written in place instead of ~8 passes over all the
+    samples' weights."""
+    if delta is not None and delta.ndim == 5:
+        if delta.shape[-2:] != (1, 1):
+            return None
+        delta = delta.flatten(2)
+    f = style.float()[:, None, :] * scale
+    if delta is not None:
+        f = f * (1 + delta.float())
+    if demodulate:
+        taps_energy = weight[0].float().square().sum(dim=(2, 3))  # [O, C]
+        f = f * torch.rsqrt((f.square() * taps_energy).sum(dim=2, keepdim=True) + 1e-8)
+    return f
+
+
+def _scaled_into(out: torch.Tensor, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """out = weight * factors (broadcast), in out's dtype, in one pass (eager PyTorch would otherwise write the fp32
+    product and then copy it)."""
+    torch.mul(weight, factors, out=out)
+    return out
+
+
+def _eager_weights() -> bool:
+    """Whether the weight builders take the one-multiply path: eager inference. torch.compile fuses the plain formula
+    by itself (its graphs stay the ones measured), and autograd cannot go through an `out=` product (training)."""
+    return not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 @fused
 def modulated_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                      demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`:
     [B, O, C, k, k] laid out as [B, O, k, k, C]."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:
+        _, o, c, k, _ = weight.shape
+        out = channels_last_weight((style.shape[0], o, c, k, k), weight.device, dtype)
+        _scaled_into(out.permute(0, 1, 3, 4, 2), weight.permute(0, 1, 3, 4, 2), factors[:, :, None, None, :])
+        return out
     w = _modulated(weight, scale, style, delta, demodulate)
     batch, o, k, _, c = w.shape
     out = channels_last_weight((batch, o, c, k, k), w.device, dtype)
@@ -434,6 +472,12 @@ def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tenso
 def padded_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                 demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """`modulated_weight`'s kernels as [B, O, PADDED_TAPS, C]: the 9 taps, then zeros."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:
+        _, o, c, k, _ = weight.shape
+        taps = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(1, o, k * k, c), (0, 0, 0, PADDED_TAPS - k * k))
+        out = torch.empty(style.shape[0], o, PADDED_TAPS, c, device=weight.device, dtype=dtype)
+        return _scaled_into(out, taps, factors[:, :, None, :])
     w = _modulated(weight, scale, style, delta, demodulate)
     batch, o, k, _, c = w.shape
     return F.pad(w.reshape(batch, o, k * k, c), (0, 0, 0, PADDED_TAPS - k * k)).to(dtype)
@@ -457,6 +501,15 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     """`modulated_weight`'s 3x3 kernels as the stride-2 transposed convolution's kernels in phase form
     (`TRANSPOSED_TAPS` along each axis): [B, 4*O, C, 2, 2] laid out [B, 4*O, 2, 2, C], output channel
     (row parity, column parity, o)."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:  # the taps of the shared weight, then one multiply by the per-sample factors
+        _, o, c, _, _ = weight.shape
+        taps = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(o, 9, c), (0, 0, 0, 1))  # tap 9 is zero
+        phases = taps[:, _transposed_tap_index(weight.device)]  # [O, 4, 2, 2, C]
+        out = channels_last_weight((style.shape[0], 4 * o, c, 2, 2), weight.device, dtype)
+        _scaled_into(out.permute(0, 1, 3, 4, 2).view(-1, 4, o, 2, 2, c), phases.transpose(0, 1),
+                     factors[:, None, :, None, None, :])
+        return out
     w = _modulated(weight, scale, style, delta, demodulate)  # [B, O, 3, 3, C]
     zero = torch.zeros_like(w[:, :, 0, 0])
     blocks = [torch.stack([torch.stack([zero if r is None or s is None else w[:, :, r, s] for s in col_taps], dim=2)
@@ -467,6 +520,19 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     out = channels_last_weight((batch, n_out, c, kh, kw), w.device, dtype)
     out.permute(0, 1, 3, 4, 2).copy_(kernels)
     return out
+
+
+_TAP_INDEX: dict = {}
+
+
+def _transposed_tap_index(device: torch.device) -> torch.Tensor:
+    """[4, 2, 2] indices into a 3x3 kernel's 9 taps (9: the zero tap) giving `transposed_taps`' kernels. Kept per
+    device: made during a graph's warm-up, never copied from the host inside a recording."""
+    if device not in _TAP_INDEX:
+        index = [[[9 if r is None or s is None else 3 * r + s for s in col_taps] for r in row_taps]
+                 for row_taps in TRANSPOSED_TAPS for col_taps in TRANSPOSED_TAPS]
+        _TAP_INDEX[device] = torch.tensor(index, device=device)
+    return _TAP_INDEX[device]
 
 
 def blurred_phases(t: torch.Tensor, terms: tuple) -> torch.Tensor:

@@ -148,7 +148,9 @@ def test_modulated_conv_output_is_packed_and_layout_does_not_matter(upsample):
     assert pack(a) is a
 
 
-def test_compact_offsets_equal_official_expanded_form_bit_exactly():
+def test_compact_offsets_equal_official_expanded_form():
+    """Compact per-channel offsets give the official expanded form's images. Not bit for bit: at inference the
+    compact form's demodulation sums over [B, O, C] (`_factors`), the expanded one over every tap."""
     gen = make_generator(tiny_generator_config(64))
     codes = torch.randn(2, gen.n_styles, gen.style_dim)
     g = torch.Generator().manual_seed(3)
@@ -162,7 +164,7 @@ def test_compact_offsets_equal_official_expanded_form_bit_exactly():
     with torch.no_grad():
         a, b = gen(codes, compact), gen(codes, expanded)
         plain = gen(codes)
-    assert torch.equal(a, b)
+    assert torch.allclose(a, b, rtol=0, atol=2e-6), (a - b).abs().max()
     assert not torch.allclose(a, plain, atol=1e-3)  # the offsets do change the image
 
 
@@ -265,3 +267,26 @@ def test_upsampling_form_follows_the_input_size():
     larger = 2 * stylegan2.TRANSPOSED_UP_TO
     assert conv.upsample_plan(1, larger) == ((0, 1),)
     assert conv.upsample_plan(8, max(larger, stylegan2.SPLIT_ROW_PARITIES_FROM)) == ((0,), (1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_multiply_weights_equal_the_plain_formula(dtype):
+    """At eager inference the weight builders scale the shared weight by per-sample factors in one multiply
+    (`_factors`); with autograd on they run the plain formula. Same weights, every offset kind and builder."""
+    torch.manual_seed(4)
+    weight = torch.randn(1, 6, 5, 3, 3).to(dtype)
+    style = torch.randn(2, 5)
+    deltas = [None, 0.3 * torch.randn(2, 6, 5), 0.3 * torch.randn(1, 6, 5)]
+    for delta in deltas:
+        for builder in (stylegan2.modulated_weight, stylegan2.padded_taps, stylegan2.transposed_taps):
+            for demodulate in (True, False):
+                args = (weight, 0.3, style, delta, demodulate, dtype)
+                with torch.no_grad():
+                    fast = builder(*args)
+                with torch.enable_grad():
+                    plain = builder(*args)
+                assert fast.shape == plain.shape and fast.stride() == plain.stride() and fast.dtype == dtype
+                tol = 1e-6 if dtype == torch.float32 else 1e-2
+                assert torch.allclose(fast.float(), plain.float(), rtol=tol, atol=tol), builder.__name__
+    full = 0.3 * torch.randn(2, 6, 5, 3, 3)  # offsets that differ between taps: the plain formula
+    assert stylegan2._factors(weight, 0.3, style, full, True) is None
