@@ -554,6 +554,16 @@ def _blurred_activation_into(out, t, terms, noise, noise_weight, bias):
     out.copy_(_noise_and_activation(blurred_phases(t, terms), noise, noise_weight, bias))
 
 
+def transposed_form_pays(x: torch.Tensor) -> bool:
+    """Whether small upsampling layers may run as the transposed form: only where torch.compile fuses its blur
+    epilogue, and not in strict fp32. Eagerly the epilogue is ~100 small kernels a layer (H100, eager, invert(5) +
+    decode in one process: tf32 batch 8 40.9 -> 33.0 ms/image, batch 1 63.9 -> 51.8; bf16 28.9 -> 22.3 and
+    49.9 -> 37.6 without it). With TF32 off, cuDNN picks an algorithm with a 65 GiB workspace for its 2x2
+    convolution at 64 px (batch 1, 15 ms a call)."""
+    strict_fp32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    return on_gpu(x) and _blurred_activation_into.compiles() and not strict_fp32
+
+
 @dataclass
 class Upsampled:
     """An upsampling layer's convolution before interleaving: `parts` are [B, O, H, n, W, 2] views of the phase
@@ -641,7 +651,7 @@ class ModulatedConv2d(nn.Module):
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def upsample_plan(self, batch: int, height: int) -> tuple:
+    def upsample_plan(self, batch: int, height: int, transposed_pays: bool = True) -> tuple:
         """How an upsampling layer runs at this input size: "transposed", or the output row parities of each
         blur-folded phase convolution.
 
@@ -650,8 +660,9 @@ class ModulatedConv2d(nn.Module):
         weights and epilogue, batch 8: 8 -> 16 px 312 -> 227 us in bf16, 513 -> 390 in tf32). Above, the blur-folded
         phases, whose epilogue only interleaves: all four phases in one convolution, or one convolution per row
         parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow (batch 8, 256 px input:
-        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster)."""
-        if height <= TRANSPOSED_UP_TO:
+        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster). `transposed_pays`: see
+        `transposed_form_pays`."""
+        if transposed_pays and height <= TRANSPOSED_UP_TO:
             return "transposed"
         if batch > 1 and height >= SPLIT_ROW_PARITIES_FROM:
             return (0,), (1,)
@@ -680,7 +691,7 @@ class ModulatedConv2d(nn.Module):
             weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
-        plan = self.upsample_plan(batch, h)
+        plan = self.upsample_plan(batch, h, transposed_form_pays(x))
         if plan == "transposed":
             weight = transposed_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H+1, W+1], memory (H+1, W+1, B, 2, 2, O)
