@@ -79,3 +79,26 @@ def test_a_new_shape_is_announced_once_before_it_is_recorded(monkeypatch):
     assert len(heard) == 3
     assert "batch 1, bfloat16: compiling" in heard[0] and "batch 8, bfloat16" in heard[1]
     assert "batch 8, float32: recording CUDA graphs" in heard[2] and "compiling" not in heard[2]
+
+
+def test_in_comfyui_the_notice_shows_under_the_running_node(monkeypatch, capsys):
+    import sys
+    import types
+
+    import nodes
+
+    sent = []
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(
+        send_progress_text=lambda text, node_id: sent.append((text, node_id)))})
+    utils = types.ModuleType("comfy_execution.utils")
+    context = {"now": types.SimpleNamespace(node_id="7")}
+    utils.get_executing_context = lambda: context["now"]
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    nodes._comfy_notice("HyperStyle: first run")
+    context["now"] = None  # outside a prompt: the console only
+    nodes._comfy_notice("later")
+    assert sent == [("HyperStyle: first run", "7")]
+    assert capsys.readouterr().out.splitlines() == ["HyperStyle: first run", "later"]
