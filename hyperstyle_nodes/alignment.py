@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import landmarks as landmark_models
 from .face_detect import Face, FaceDetector, ImageLike, numpy_to_tensor, to_rgb_float
 
 SELECTIONS = ("largest", "index", "all")
@@ -483,13 +484,16 @@ def _check_output_size(output_size) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, selection: str = "largest",
-                face_index: int = 0, threshold: float = 0.9, on_no_face: str = "error"):
+                face_index: int = 0, threshold: float = 0.9, on_no_face: str = "error",
+                landmarks: str = landmark_models.AUTO):
     """Detect and FFHQ-align faces in every image of a batch.
 
     selection: 'largest' (one face per image), 'index' (face number `face_index`, largest first) or 'all' (one
-    output per face: a group photo becomes several aligned faces).
+    output per face: a group photo becomes several aligned faces, each person once).
     on_no_face: 'error' raises NoFaceError; 'center_crop' passes the largest centred square through instead (its
     record has method='center_crop', so paste-back still works).
+    landmarks: 'auto' (dlib's 68 points when the extra is installed, else RetinaFace's five), 'dlib68' or
+    'retinaface5' (see landmarks.py). Faces in any orientation (photos turned 90/180/270 degrees) are found upright.
     Returns (aligned float32 [N,S,S,3] on the input's device, list of N AlignmentRecords).
     """
     if selection not in SELECTIONS:
@@ -500,11 +504,12 @@ def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, se
         raise ValueError(f"face_index must be a whole number >= 0, got {face_index}")
     images, device = _as_batch(images_bhwc, "images")
     output_size = _check_output_size(output_size)
+    landmark_model = landmark_models.get_landmarks_model(landmarks)
 
     aligned, records = [], []
     for index in range(images.shape[0]):
         rgb = to_rgb_float(images[index], what=f"batch image {index}")
-        faces = detector.detect(rgb, threshold=threshold)
+        faces = find_faces(rgb, detector, threshold, landmark_model)
         chosen = _select_faces(faces, selection, int(face_index), index, images.shape[0], threshold, on_no_face)
         if not chosen:
             face, record = center_crop_align(rgb, output_size, source_index=index)
@@ -512,15 +517,113 @@ def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, se
             records.append(record)
             continue
         for face in chosen:
-            crop, record = align_face(rgb, ffhq_quad(face.landmarks), output_size, landmarks=face.landmarks,
-                                      score=face.score, source_index=index)
+            crop, record = align_face(rgb, face.quad, output_size, landmarks=face.points5, score=face.score,
+                                      source_index=index)
             aligned.append(crop)
             records.append(record)
     return torch.stack(aligned).to(device), records
 
 
-def _select_faces(faces: List[Face], selection: str, face_index: int, image_index: int, batch_size: int,
-                  threshold: float, on_no_face: str) -> List[Face]:
+@dataclass
+class FoundFace:
+    """A face ready to align: its five alignment points and FFHQ square, in the photo's pixels."""
+
+    score: float  # RetinaFace's confidence
+    points5: np.ndarray  # (5, 2): eye centres, nose tip, outer mouth corners
+    confirmed: bool  # the landmarks were checked to sit on an upright face (see find_faces)
+    quad: np.ndarray = None
+
+    def __post_init__(self):
+        self.quad = ffhq_quad(self.points5)
+
+    @property
+    def side(self) -> float:
+        return float(np.hypot(*(self.quad[3] - self.quad[0])))
+
+
+def find_faces(rgb: torch.Tensor, detector: FaceDetector, threshold: float = 0.9,
+               landmark_model=None) -> List[FoundFace]:
+    """Every face in an [H,W,3] photo, in any orientation, each once, largest first.
+
+    RetinaFace finds the faces; `landmark_model` (a landmarks.Dlib68Landmarks, or None for RetinaFace's own five
+    points) places the alignment points. A face is "confirmed" when a second look sees an upright face where its
+    points say: dlib's detector in the face's upright frame, or (five points) RetinaFace again on the aligned crop.
+    Detectors trained on upright faces still fire on faces turned sideways or upside down, with points in the
+    wrong places, so when a face is not confirmed (or none is found) the photo is searched again turned by 90, 180
+    and 270 degrees, and a face confirmed there replaces an unconfirmed one at the same place.
+    """
+    height, width = rgb.shape[:2]
+    image_u8 = (rgb * 255.0).round().to(torch.uint8).numpy() if landmark_model is not None else None
+    photo_rects = landmark_model.detect_in_photo(image_u8) if landmark_model is not None else ()
+    found = [_locate(face, rgb, image_u8, detector, landmark_model, photo_rects)
+             for face in detector.detect(rgb, threshold=threshold)]
+    if not found or not all(face.confirmed for face in found):
+        for turns in (1, 2, 3):
+            turned = torch.rot90(rgb, turns, dims=(0, 1))
+            for face in detector.detect(turned, threshold=threshold):
+                candidate = _locate(_unturn_face(face, turns, height, width), rgb, image_u8, detector,
+                                    landmark_model, ())
+                if candidate.confirmed:
+                    found.append(candidate)
+    return _distinct_faces(found)
+
+
+def _locate(face: Face, rgb, image_u8, detector: FaceDetector, landmark_model, photo_rects) -> FoundFace:
+    if landmark_model is not None:
+        located = landmark_model.locate(image_u8, ffhq_quad(face.landmarks), photo_rects)
+        return FoundFace(face.score, located.points5, located.confirmed)
+    return FoundFace(face.score, np.asarray(face.landmarks, dtype=np.float64),
+                     _retinaface_confirms(rgb, face.landmarks, detector))
+
+
+# Where RetinaFace puts the five points on an FFHQ-aligned face (fractions of the square; measured on the shared
+# photos aligned by the recipe), and how far (mean, fraction of the side) a second detection may land from them.
+_ALIGNED_POINTS5 = np.array([[0.38, 0.465], [0.625, 0.47], [0.5, 0.61], [0.39, 0.72], [0.61, 0.72]])
+_ALIGNED_POINTS5_TOLERANCE = 0.06
+_CHECK_SIZE = 160
+
+
+def _retinaface_confirms(rgb: torch.Tensor, points5, detector: FaceDetector) -> bool:
+    """Does RetinaFace, run again on the aligned crop, find the face upright where the FFHQ recipe puts it?"""
+    quad = ffhq_quad(points5)
+    crop = _warp(rgb.permute(2, 0, 1), quad_transform(quad, _CHECK_SIZE), _CHECK_SIZE, _CHECK_SIZE,
+                 mode="bilinear", padding_mode="zeros").clamp(0.0, 1.0)
+    again = detector.detect(crop.permute(1, 2, 0), threshold=0.5)
+    if not again:
+        return False
+    error = np.linalg.norm(again[0].landmarks / _CHECK_SIZE - _ALIGNED_POINTS5, axis=1).mean()
+    return bool(error < _ALIGNED_POINTS5_TOLERANCE)
+
+
+def _unturn_face(face: Face, turns: int, height: int, width: int) -> Face:
+    """A face found in torch.rot90(photo, turns) (counter-clockwise quarter turns), in the photo's pixels."""
+    def unturn(points):
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2).copy()
+        h, w = (width, height) if turns % 2 else (height, width)  # the turned photo's size
+        for _ in range(turns % 4):  # undo one quarter turn at a time
+            x, y = points[:, 0].copy(), points[:, 1].copy()
+            points[:, 0], points[:, 1] = h - 1 - y, x  # one turn back: (x, y) came from (height - 1 - y, x)
+            h, w = w, h
+        return points
+
+    corners = unturn([[face.box[0], face.box[1]], [face.box[2], face.box[3]]])
+    box = (*corners.min(axis=0), *corners.max(axis=0))
+    return Face(score=face.score, box=tuple(float(v) for v in box), landmarks=unturn(face.landmarks))
+
+
+def _distinct_faces(faces: List[FoundFace]) -> List[FoundFace]:
+    """Each person once: of faces whose squares share a centre (within a third of the smaller side), the
+    confirmed one, else the most confident, is kept. Largest first."""
+    kept: List[FoundFace] = []
+    for face in sorted(faces, key=lambda f: (f.confirmed, f.score), reverse=True):
+        centre = face.quad.mean(axis=0)
+        if all(np.hypot(*(centre - other.quad.mean(axis=0))) > min(face.side, other.side) / 3.0 for other in kept):
+            kept.append(face)
+    return sorted(kept, key=lambda f: f.side, reverse=True)
+
+
+def _select_faces(faces: List[FoundFace], selection: str, face_index: int, image_index: int, batch_size: int,
+                  threshold: float, on_no_face: str) -> List[FoundFace]:
     """The faces to align for one image; [] means 'use the center-crop pass-through'."""
     if selection == "index" and faces and face_index >= len(faces):
         raise ValueError(f"batch image {image_index} has {len(faces)} face(s) at threshold {threshold}, so "
