@@ -24,6 +24,8 @@ from . import landmarks as landmark_models
 from .face_detect import Face, FaceDetector, ImageLike, numpy_to_tensor, to_rgb_float
 
 SELECTIONS = ("largest", "index", "all")
+LANDMARK_CHOICES = landmark_models.LANDMARK_CHOICES
+MAX_THRESHOLD = 0.99  # detection confidence must stay below 1
 NO_FACE_ACTIONS = ("error", "center_crop")
 METHOD_FFHQ = "ffhq"
 METHOD_CENTER_CROP = "center_crop"
@@ -424,23 +426,51 @@ def paste_back(original: ImageLike, face: ImageLike, record: AlignmentRecord, fe
     Returns (image float32 tensor [H,W,3], mask float32 tensor [H,W] in 0..1). Where mask == 0 the image is
     bit-identical to the original's RGB values (in 0..1 floats; uint8 originals are divided by 255).
     """
+    return paste_faces(original, [face], [record], feather)
+
+
+def paste_faces(original: ImageLike, faces: Sequence[ImageLike], records: Sequence[AlignmentRecord],
+                feather: float = DEFAULT_FEATHER):
+    """Paste several aligned faces of one photo back in a single pass.
+
+    Where feathered masks overlap (faces close together) the faces are averaged in proportion to their masks, so
+    neither overwrites the other's edge and the result does not depend on their order; the photo shows through by
+    the product of (1 - mask). Returns (image [H,W,3], mask [H,W]: the combined coverage), as `paste_back`.
+    """
     original_rgb = to_rgb_float(original, what="original image")
     height, width = original_rgb.shape[:2]
-    if (height, width) != tuple(record.source_size):
-        raise ValueError(f"paste_back: the original image is {height}x{width} but the alignment record was made "
-                         f"from a {record.source_size[0]}x{record.source_size[1]} image; connect the same image "
-                         f"that went into the align step")
+    weighted_faces = torch.zeros(height, width, 3)
+    weights = torch.zeros(height, width)
+    uncovered = torch.ones(height, width)
+    for face, record in zip(faces, records):
+        if (height, width) != tuple(record.source_size):
+            raise ValueError(f"paste_back: the original image is {height}x{width} but the alignment record was "
+                             f"made from a {record.source_size[0]}x{record.source_size[1]} image; connect the same "
+                             f"image that went into the align step")
+        warped = _warp_face_into_photo(face, record, height, width, feather)
+        if warped is None:  # the aligned square does not overlap the photo
+            continue
+        (x0, y0, x1, y1), warped_face, warped_mask = warped
+        weighted_faces[y0:y1, x0:x1] += warped_face * warped_mask[..., None]
+        weights[y0:y1, x0:x1] += warped_mask
+        uncovered[y0:y1, x0:x1] *= 1.0 - warped_mask
+    mask = 1.0 - uncovered
+    covered = mask > 0
+    blend = weighted_faces / weights.clamp_min(1e-12)[..., None]
+    composite = original_rgb + (blend - original_rgb) * mask[..., None]
+    return torch.where(covered[..., None], composite, original_rgb), mask
+
+
+def _warp_face_into_photo(face: ImageLike, record: AlignmentRecord, height: int, width: int, feather: float):
+    """(box, face [h,w,3], mask [h,w]) of an aligned face warped back into its photo's pixel box, or None."""
     size = int(record.output_size)
     face_chw = to_rgb_float(face, what="face").permute(2, 0, 1)
     if face_chw.shape[-2:] != (size, size):
         face_chw = F.interpolate(face_chw[None], size=(size, size), mode="bicubic", antialias=True,
                                  align_corners=False)[0].clamp(0.0, 1.0)
-
-    mask = torch.zeros(height, width)
-    composite = original_rgb.clone()
     box = _quad_bbox_in_image(np.asarray(record.quad), height, width)
-    if box is None:  # the aligned square does not overlap the photo
-        return composite, mask
+    if box is None:
+        return None
     x0, y0, x1, y1 = box
     region_to_out = np.linalg.inv(record.transform) @ _translation(x0, y0)
     warped_face = _warp(face_chw, region_to_out, y1 - y0, x1 - x0, mode="bicubic", padding_mode="border")
@@ -448,12 +478,7 @@ def paste_back(original: ImageLike, face: ImageLike, record: AlignmentRecord, fe
     warped_mask = _warp(region_mask[None], region_to_out, y1 - y0, x1 - x0, mode="bilinear",
                         padding_mode="zeros")[0].clamp(0.0, 1.0)
     warped_mask = warped_mask * _inside_square(region_to_out, y1 - y0, x1 - x0, size)
-
-    patch = original_rgb[y0:y1, x0:x1]
-    blended = patch + (warped_face.permute(1, 2, 0).clamp(0.0, 1.0) - patch) * warped_mask[..., None]
-    composite[y0:y1, x0:x1] = torch.where(warped_mask[..., None] > 0, blended, patch)
-    mask[y0:y1, x0:x1] = warped_mask
-    return composite, mask
+    return box, warped_face.permute(1, 2, 0).clamp(0.0, 1.0), warped_mask
 
 
 def _quad_bbox_in_image(quad: np.ndarray, height: int, width: int):
@@ -640,7 +665,8 @@ def _select_faces(faces: List[FoundFace], selection: str, face_index: int, image
 
 def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentRecord],
                      feather: float = DEFAULT_FEATHER):
-    """Paste faces[i] into originals[records[i].source_index]; several faces of one photo compose in order.
+    """Paste faces[i] into originals[records[i].source_index]; the faces of one photo go in together, in one pass
+    (see `paste_faces`).
 
     Returns (images float32 [B,H,W,3], masks float32 [B,H,W]: the union of the pasted regions), on the originals'
     device. Photos without a record come back unchanged (RGB) with an empty mask.
@@ -652,7 +678,7 @@ def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentReco
         raise ValueError(f"paste back got {faces.shape[0]} face image(s) but {len(records)} alignment record(s); "
                          f"connect the alignment records from the same align node that produced these faces "
                          f"(an edited batch must keep its size and order)")
-    batch, height, width = originals.shape[:3]
+    batch = originals.shape[0]
     for number, record in enumerate(records):
         if not isinstance(record, AlignmentRecord):
             raise TypeError(f"alignment record {number} is a {type(record).__name__}, not an AlignmentRecord")
@@ -662,12 +688,9 @@ def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentReco
 
     images, masks = [], []
     for index in range(batch):
-        image = to_rgb_float(originals[index], what=f"original image {index}")
-        mask = torch.zeros(height, width)
-        for number, record in enumerate(records):
-            if record.source_index == index:
-                image, face_mask = paste_back(image, faces[number], record, feather=feather)
-                mask = torch.maximum(mask, face_mask)
+        numbers = [number for number, record in enumerate(records) if record.source_index == index]
+        image, mask = paste_faces(originals[index], [faces[number] for number in numbers],
+                                  [records[number] for number in numbers], feather=feather)
         images.append(image)
         masks.append(mask)
     return torch.stack(images).to(device), torch.stack(masks).to(device)

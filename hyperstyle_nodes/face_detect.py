@@ -215,7 +215,8 @@ def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "au
         raise ValueError(
             f"face detector weights {path} do not fit RetinaFace {name}: {len(ours - theirs)} missing and "
             f"{len(theirs - ours)} unexpected keys, {_count_shape_mismatches(model, state)} shape mismatches. "
-            f"Expected {expected}; the file may be another model or from another RetinaFace version") from error
+            f"Expected {expected}; the file may be another model, or pass network='auto' to read the backbone "
+            f"from the file") from error
     device = torch.device(device)
     model = model.to(device).eval()
     return FaceDetector(model, name, device, max_detect_side=max_detect_side)
