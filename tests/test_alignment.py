@@ -617,3 +617,17 @@ def test_paste_back_of_several_close_faces_is_one_seamless_pass(detector, photos
     forward, _ = paste_back_batch(group[None], edited, records)
     backward, _ = paste_back_batch(group[None], edited.flip(0), records[::-1])
     assert float((forward - backward).abs().max()) < 1e-5, "the faces' order changed the result"
+
+
+def test_registry_entry_for_the_predictor_is_the_packaged_file():
+    """The registry's size and sha256 for dlib's predictor are those of face_recognition_models' copy (the file
+    CI uses), so a download from the mirror is checked against the very file the tests ran with."""
+    from hyperstyle_nodes import downloads, landmarks
+
+    entry = downloads.load_registry()[landmarks.PREDICTOR_REGISTRY_NAME]
+    assert entry.kind == "landmarks" and entry.local_name == landmarks.PREDICTOR_FILE_NAME
+    packaged = landmarks.packaged_predictor_path()
+    if packaged is None:
+        pytest.skip("face_recognition_models is not installed")
+    assert packaged.stat().st_size == entry.size
+    assert downloads.digest_matches(downloads.sha256_of_file(packaged), entry.sha256)  # read only: no sidecar
