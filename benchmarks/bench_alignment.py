@@ -98,7 +98,7 @@ def corner_error(quad, reference):
 
 def pack_quad(image_u8, detector, model, threshold):
     """The pack's square for the largest face, as align_batch would cut it."""
-    rgb = torch.from_numpy(image_u8).float() / 255.0
+    rgb = torch.from_numpy(np.array(image_u8)).float() / 255.0  # a writable copy
     faces = find_faces(rgb, detector, threshold, model)
     return faces[0].quad if faces else None
 

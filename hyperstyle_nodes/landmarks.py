@@ -34,8 +34,9 @@ INSTALL_HINT = ('install the optional extra: pip install "hyperstyle-nodes[dlib]
 
 # dlib's frontal-detector box in the working frame, as a function of the face's FFHQ square (side L, centre at the
 # frame's centre): a square box of side _DLIB_BOX_SIDE * L whose centre sits _DLIB_BOX_SHIFT * L below the square's
-# centre. Fitted (least squares) on dlib's own detections versus the recipe's squares for the shared test photos
-# and scaled / mirrored / slightly rotated copies of them (benchmarks/bench_alignment.py --fit-box prints the fit).
+# centre. Both are the means of dlib's own detections measured against the recipe's squares on the shared test
+# photos and scaled / mirrored / +-8 degree copies of them (benchmarks/bench_alignment.py --fit-box prints them).
+# Used alone (detector switched off) this box lands 0.2-1.0% of the side from the recipe on those photos.
 _DLIB_BOX_SIDE = 0.60  # fit: 0.599 (sd 0.085) over 90 detections
 _DLIB_BOX_SHIFT = 0.083  # fit: 0.083 (sd 0.029); across: -0.007 (sd 0.020), taken as 0
 _DETECTOR_UPSAMPLE = 1  # the recipe's detector(img, 1)
