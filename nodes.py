@@ -165,8 +165,9 @@ class HyperStyleLoadGenerator:
 
 
 class HyperStyleAlignFace:
-    DESCRIPTION = ("Finds faces (RetinaFace) and aligns them the way FFHQ was made (eyes and mouth placed by the FFHQ "
-                   "recipe), which HyperStyle needs. Outputs the aligned faces and how to paste them back.")
+    DESCRIPTION = ("Finds faces (RetinaFace, any orientation) and aligns them the way FFHQ was made (eyes and mouth "
+                   "placed by the FFHQ recipe, with dlib's landmarks when installed), which HyperStyle needs. Outputs "
+                   "the aligned faces and how to paste them back.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -180,11 +181,16 @@ class HyperStyleAlignFace:
                                                  "all: every face (a group photo becomes a batch)."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "With selection=index: 0 is the "
                                                                                  "largest face."}),
-            "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
+            "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": face_alignment.MAX_THRESHOLD, "step": 0.01,
                                     "tooltip": "Detection confidence; lower it if a face is missed."}),
             "on_no_face": (list(face_alignment.NO_FACE_ACTIONS), {
                 "default": "error", "tooltip": "error: stop with a message; center_crop: pass the photo through as a "
                                                "centred square crop."}),
+        }, "optional": {
+            "landmarks": (list(face_alignment.LANDMARK_CHOICES), {
+                "default": "auto", "tooltip": "Where the eyes and mouth are taken from. dlib68: dlib's 68 points, the "
+                                              "FFHQ recipe's own (needs the dlib extra); retinaface5: the detector's "
+                                              "five points; auto: dlib68 when installed, else retinaface5."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "HYPERSTYLE_ALIGNMENT")
@@ -192,15 +198,15 @@ class HyperStyleAlignFace:
     FUNCTION = "align"
     CATEGORY = CATEGORY
 
-    def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face):
+    def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face, landmarks="auto"):
         faces, records = face_alignment.align_batch(image, ops.load_detector(detector), int(output_size), selection,
-                                               face_index, threshold, on_no_face)
+                                               face_index, threshold, on_no_face, landmarks)
         return faces, records
 
 
 class HyperStylePasteBack:
-    DESCRIPTION = ("Puts (edited) aligned faces back into the original photos through a feathered face mask; "
-                   "everything outside the mask is left untouched.")
+    DESCRIPTION = ("Puts (edited) aligned faces back into the original photos through feathered face masks, all "
+                   "faces of a photo in one pass; everything outside the masks is left untouched.")
 
     @classmethod
     def INPUT_TYPES(cls):

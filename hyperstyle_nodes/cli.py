@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="face detector: retinaface_resnet50, retinaface_mobilenet0.25 or a file")
     edit.add_argument("--faces", choices=["largest", "all"], default="largest",
                       help="edit the largest face of each photo, or every face (default largest)")
+    edit.add_argument("--all-faces", dest="faces", action="store_const", const="all",
+                      help="edit every face of each photo (same as --faces all)")
     edit.add_argument("--threshold", type=float, default=0.9, help="face detection confidence (default 0.9)")
     edit.add_argument("--align-size", type=int, choices=[256, 512, 1024], default=1024,
                       help="size of the aligned face crops (default 1024)")

@@ -167,18 +167,19 @@ class FaceDetector:
         return f"FaceDetector(RetinaFace {self.network_name}, device={self.device})"
 
 
-def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "resnet50",
+def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "auto",
                        device: Union[str, torch.device] = "cpu", max_detect_side: int = 1024) -> FaceDetector:
-    """Build facexlib's RetinaFace (`network` 'resnet50' or 'mobilenet0.25') and load weights from a local file.
+    """Build facexlib's RetinaFace and load weights from a local file.
 
+    `network`: 'auto' (read from the file's keys, whatever its name), 'resnet50' or 'mobilenet0.25'.
     Nothing is downloaded. The file must be a RetinaFace state dict for that backbone, like facexlib's released
     detection_Resnet50_Final.pth / detection_mobilenet0.25_Final.pth (a leading 'module.' on keys is fine).
     """
     name = _NETWORK_ALIASES.get(str(network).lower(), str(network).lower())
-    if name not in _NETWORKS:
-        raise ValueError(f"unknown face detector network {network!r}; choose one of {sorted(_NETWORKS)}")
-    facexlib_name, released_file = _NETWORKS[name]
-    expected = f"a RetinaFace {name} state dict such as facexlib's {released_file}"
+    if name != "auto" and name not in _NETWORKS:
+        raise ValueError(f"unknown face detector network {network!r}; choose 'auto' or one of {sorted(_NETWORKS)}")
+    expected = ("a RetinaFace state dict (ResNet-50 or MobileNet-0.25) such as facexlib's "
+                + " or ".join(released for _, released in _NETWORKS.values()))
 
     path = Path(weights_path)
     if not path.is_file():
@@ -194,6 +195,13 @@ def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "re
         raise ValueError(f"face detector weights {path} hold a {type(state).__name__}, not a state dict of tensors; "
                          f"expected {expected}")
     state = {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+    if name == "auto":
+        name = _network_of(state)
+        if name is None:
+            raise ValueError(f"face detector weights {path} are not a RetinaFace network (none of its "
+                             f"{len(state)} keys is a ResNet-50 or MobileNet-0.25 backbone layer); expected {expected}")
+    facexlib_name, released_file = _NETWORKS[name]
+    expected = f"a RetinaFace {name} state dict such as facexlib's {released_file}"
 
     from facexlib.detection.retinaface import RetinaFace  # imported late: facexlib's package import is heavy
 
@@ -207,10 +215,20 @@ def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "re
         raise ValueError(
             f"face detector weights {path} do not fit RetinaFace {name}: {len(ours - theirs)} missing and "
             f"{len(theirs - ours)} unexpected keys, {_count_shape_mismatches(model, state)} shape mismatches. "
-            f"Expected {expected}; check the `network` setting matches the file") from error
+            f"Expected {expected}; the file may be another model, or pass network='auto' to read the backbone "
+            f"from the file") from error
     device = torch.device(device)
     model = model.to(device).eval()
     return FaceDetector(model, name, device, max_detect_side=max_detect_side)
+
+
+def _network_of(state: dict):
+    """Which RetinaFace backbone a state dict is for, from its key names (facexlib's layout), or None."""
+    if any(key.startswith("body.stage1.") for key in state):
+        return "mobilenet0.25"
+    if any(key.startswith("body.layer2.") for key in state):
+        return "resnet50"
+    return None
 
 
 def _count_shape_mismatches(model: torch.nn.Module, state: dict) -> int:

@@ -160,9 +160,9 @@ def load_detector(name: str = "retinaface_resnet50", device: str = "auto") -> Fa
     manager = get_manager()
     torch_device = manager.get_device(device)
     path = resolve(name, kind="face_detector")
-    network = "mobilenet0.25" if "mobilenet" in path.name.lower() else "resnet50"
-    handle = manager.load(("face_detector", file_identity(path), network),
-                          lambda: load_face_detector(path, network, device="cpu"), device=torch_device)
+    # the backbone is read from the file's keys, so a renamed file loads too
+    handle = manager.load(("face_detector", file_identity(path)),
+                          lambda: load_face_detector(path, "auto", device="cpu"), device=torch_device)
     handle.use()
     return handle.model
 
