@@ -315,10 +315,10 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
         return EXIT_WEIGHTS
 
     stems = output_stems(photos)
-    shared = [p.name for p in photos if stems[p] != p.stem]
-    if shared:
-        print(f"note: {', '.join(shared)} share a name; their results are named after the full file name "
-              f"({', '.join(stems[p] for p in photos if p.name in shared)}_edited.png ...)", file=sys.stderr)
+    renamed = [f"{p.name} -> {stems[p]}_edited.png" for p in photos if stems[p] != p.stem]
+    if renamed:
+        print(f"note: photos that share a name get results named after the whole file name: {', '.join(renamed)}",
+              file=sys.stderr)
 
     def save_png(image_hwc, stem: str) -> Path:
         pixels = (image_hwc.clamp(0, 1).numpy() * 255).round().astype(np.uint8)

@@ -61,7 +61,7 @@ def test_folder_without_faces_fails_clearly(models_dir, tmp_path, capsys):
 
 
 def test_offline_run_lists_every_missing_file_at_once(tmp_path, capsys, assets_dir):
-    """With nothing downloaded, one run names the detector, checkpoint, encoder and each direction, with URL and path."""
+    """Nothing downloaded: one run names the detector, checkpoint, encoder and each direction, with URL and path."""
     from hyperstyle_nodes import downloads
 
     photo = assets_dir / "testdata" / "faces" / "astronaut.png"
@@ -141,39 +141,42 @@ def test_unwritable_out_is_refused_up_front(tmp_path, capsys, assets_dir, where)
 
 def test_outputs_never_collide_or_replace_a_file(models_dir, assets_dir, tmp_path, capsys):
     """same.jpg + same.png give two results; with --out = the input folder, the user's p_edited.png survives."""
-    faces = assets_dir / "testdata" / "faces"
     folder = tmp_path / "photos"
     folder.mkdir()
-    Image.open(faces / "portrait_a.jpg").save(folder / "same.jpg")
-    Image.open(faces / "portrait_b.jpg").save(folder / "same.png")
-    shutil.copy(faces / "astronaut.png", folder / "p.png")
-    shutil.copy(faces / "portrait_a.jpg", folder / "p_edited.png.tmp")
-    (folder / "p_edited.png.tmp").rename(folder / "p_edited.png")  # a photo that happens to end in _edited
+    sources = {"same.jpg": "portrait_a.jpg", "same.png": "portrait_b.jpg", "p.png": "astronaut.png",
+               "p_edited.png": "portrait_b.jpg"}  # the last: a user's photo that happens to end in _edited
+    for name, source in sources.items():
+        photo = Image.open(assets_dir / "testdata" / "faces" / source).convert("RGB")
+        photo.thumbnail((256, 256))  # small: this test is about names, not quality
+        photo.save(folder / name, format="JPEG" if name.endswith(".jpg") else "PNG")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    sizes = {name: Image.open(folder / name).size for name in before}
 
-    code = cli.main(["edit", str(folder), "--out", str(folder), *tiny_args(models_dir)])
+    code = cli.main(["edit", str(folder), "--out", str(folder), *tiny_args(models_dir), "--iterations", "0"])
     output = capsys.readouterr()
     assert code == cli.EXIT_OK
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before  # no input touched
     written = sorted(set(p.name for p in folder.iterdir()) - set(before))
     assert written == ["p_edited_1.png", "p_edited_edited.png", "same_jpg_edited.png", "same_png_edited.png"]
-    assert Image.open(folder / "same_jpg_edited.png").size == Image.open(faces / "portrait_a.jpg").size
-    assert Image.open(folder / "same_png_edited.png").size == Image.open(faces / "portrait_b.jpg").size
+    assert Image.open(folder / "same_jpg_edited.png").size == sizes["same.jpg"]
+    assert Image.open(folder / "same_png_edited.png").size == sizes["same.png"]
     assert "wrote p_edited_1.png instead" in output.out + output.err  # the user is told
     assert "edited 4 of 4" in output.out
 
 
 def test_bad_photos_are_skipped_and_the_rest_edited(models_dir, assets_dir, tmp_path, capsys, monkeypatch):
     """A decompression bomb (PIL's error or warning) or an unreadable file fails that photo only: exit 5."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)  # astronaut.png has 262,144 pixels
     folder = tmp_path / "photos"
     folder.mkdir()
-    shutil.copy(assets_dir / "testdata" / "faces" / "astronaut.png", folder / "a_good.png")
-    Image.new("L", (800, 800)).save(folder / "b_bomb.png")      # over twice the limit: DecompressionBombError
-    Image.new("L", (600, 600)).save(folder / "c_large.png")     # over the limit: DecompressionBombWarning
+    good = Image.open(assets_dir / "testdata" / "faces" / "astronaut.png")
+    good.thumbnail((256, 256))
+    good.save(folder / "a_good.png")  # 65,536 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # PIL's is 89 million: a small stand-in for tests
+    Image.new("L", (500, 500)).save(folder / "b_bomb.png")      # over twice the limit: DecompressionBombError
+    Image.new("L", (350, 350)).save(folder / "c_large.png")     # over the limit: DecompressionBombWarning
     (folder / "d_broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    code = cli.main(["edit", str(folder), "--out", str(out), *tiny_args(models_dir)])
+    code = cli.main(["edit", str(folder), "--out", str(out), *tiny_args(models_dir), "--iterations", "0"])
     printed = capsys.readouterr().out
     assert code == cli.EXIT_PARTIAL
     assert sorted(p.name for p in out.iterdir()) == ["a_good_edited.png"]
@@ -202,6 +205,7 @@ def test_damaged_checkpoint_exits_4_naming_it(models_dir, assets_dir, tmp_path, 
 def test_exif_orientation_is_applied(models_dir, assets_dir, tmp_path):
     """A phone photo stored sideways with EXIF orientation 6 is edited upright, at its displayed size."""
     upright = Image.open(assets_dir / "testdata" / "faces" / "portrait_a.jpg")
+    upright.thumbnail((256, 256))
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # EXIF 6 says: rotate 270 to display
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -209,7 +213,8 @@ def test_exif_orientation_is_applied(models_dir, assets_dir, tmp_path):
     folder.mkdir()
     stored.save(folder / "phone.jpg", exif=exif, quality=95)
     out = tmp_path / "out"
-    assert cli.main(["edit", str(folder), "--out", str(out), *tiny_args(models_dir)]) == cli.EXIT_OK
+    code = cli.main(["edit", str(folder), "--out", str(out), *tiny_args(models_dir), "--iterations", "0"])
+    assert code == cli.EXIT_OK
     assert Image.open(out / "phone_edited.png").size == upright.size != stored.size
 
 
@@ -217,12 +222,14 @@ def test_fp16_on_cpu_runs_fp32_and_says_so(models_dir, assets_dir, tmp_path, cap
     from hyperstyle_nodes import ops
 
     asked = []
-    real_load_model = ops.load_model
-    monkeypatch.setattr(ops, "load_model", lambda *a: asked.append(a[2]) or real_load_model(*a))
+
+    def record_precision(checkpoint, encoder, precision, device):
+        asked.append(precision)
+        raise RuntimeError("stop here: only the precision asked for matters")
+
+    monkeypatch.setattr(ops, "load_model", record_precision)
     photo = assets_dir / "testdata" / "faces" / "astronaut.png"
-    code = cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), *tiny_args(models_dir), "--precision", "fp16",
-                     "--iterations", "0"])
-    assert code == cli.EXIT_OK
+    cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), *tiny_args(models_dir), "--precision", "fp16"])
     assert asked == ["fp32"]
     assert "fp16 on the CPU runs fp32 instead" in capsys.readouterr().err
 
