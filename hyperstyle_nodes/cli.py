@@ -208,6 +208,8 @@ def check_needed_files(needs: list, offline: bool) -> tuple:
             errors.append(f"{need.option}: '{text}' {what}. Known names: {', '.join(known)}; or give a file.")
             continue
         copies = [folder / entry.local_name for folder in folders if (folder / entry.local_name).is_file()]
+        if any(item.entry == entry for item in missing):
+            continue  # asked for twice (--edit age=1 --edit age=-1): listed once
         if copies and not offline:
             continue  # resolve() checks it, and downloads it again if it is unusable
         problems = [downloads.check_file(copy, entry) for copy in copies]
