@@ -95,7 +95,7 @@ def run_edit(args) -> int:
     from PIL import Image, ImageOps
     from tqdm import tqdm
 
-    from . import alignment, ops
+    from . import alignment, image_checks, ops
     from .checkpoints import CheckpointError
     from .downloads import WeightsError
 
@@ -127,7 +127,8 @@ def run_edit(args) -> int:
     for path in tqdm(photos, desc="HyperStyle", unit="photo"):
         try:
             with Image.open(path) as photo:  # phones store rotation in EXIF; ComfyUI's Load Image applies it too
-                image = torch.from_numpy(np.array(ImageOps.exif_transpose(photo).convert("RGB"))).float()[None] / 255
+                pixels = torch.from_numpy(np.array(ImageOps.exif_transpose(photo).convert("RGB")))
+            image = image_checks.rgb_bhwc(pixels)  # uint8 -> [1, H, W, 3] in [0, 1], as every path does
             faces, records = alignment.align_batch(image, detector, args.align_size, args.faces, 0, args.threshold,
                                                    "error")
             latent, _ = ops.encode(model, faces)

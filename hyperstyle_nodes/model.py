@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints as ckpts
+from . import image_checks
 from .cuda_graphs import GraphCache, WeightsWatch
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
@@ -140,14 +141,14 @@ class HyperStyleModel(nn.Module):
     # ---- public API --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Initial-encoder codes [B, n_styles, style_dim] for [B, 3, H, W] images in [0, 1]."""
-        return self.encode_normalized(self.preprocess(images))
+        """Initial-encoder codes [B, n_styles, style_dim] for [B, 3, H, W] images in [0, 1] (or uint8)."""
+        return self.encode_normalized(self.preprocess(image_checks.rgb_bchw(images)))
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, n_iters: int = 5, codes: Optional[torch.Tensor] = None,
                deltas: Optional[Deltas] = None, keep_steps: bool = True,
                on_step: Optional[Callable[[int, int], None]] = None, max_batch: Optional[int] = None) -> Inversion:
-        """Invert face-aligned images [B, 3, H, W] in [0, 1] (resized to 256 inside).
+        """Invert face-aligned images [B, 3, H, W] in [0, 1] or uint8 (resized to 256 inside; see image_checks).
 
         codes/deltas: start from an earlier inversion (e.g. to refine further) instead of the initial encoder.
         A batch of 1 code/offset set broadcasts against B images. on_step(i, total) is called after each
@@ -156,8 +157,7 @@ class HyperStyleModel(nn.Module):
         retried in halves; every image's result is the same as running it alone. With several chunks the results
         are gathered on the device of `images`, so a large batch never needs all its results in GPU memory.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images as [B, 3, H, W] RGB in [0, 1], got shape {list(images.shape)}")
+        images = image_checks.rgb_bchw(images)  # once per call: dtype, range, finiteness, layout
         batch = images.shape[0]
         codes = None if codes is None else _match_batch(codes, batch, "codes")
         deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import editing, inversion_io
+from . import editing, image_checks, inversion_io
 from .downloads import resolve
 from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
@@ -80,25 +80,12 @@ class LoadedGenerator:
 def image_to_bchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] (C = 1, 2, 3 or 4) -> RGB [B, 3, H, W] float in [0, 1] on the CPU.
 
-    Grayscale is repeated to RGB; an alpha channel is ignored.
+    The values follow image_checks' policy (uint8 /255; floats finite and in [0, 1]); grayscale is repeated to RGB
+    and an alpha channel is ignored.
     """
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{what}: expected an IMAGE tensor, got {type(image).__name__}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{what}: expected an IMAGE of shape [batch, height, width, channels] with 1-4 channels, "
-                         f"got {list(image.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError(f"{what}: the image batch is empty")
-    x = image.detach().cpu()
-    x = x.float() / 255 if not x.is_floating_point() else x.float()
-    channels = x.shape[-1]
-    if channels in (1, 2):  # grayscale (+ alpha)
-        x = x[..., :1].expand(-1, -1, -1, 3)
-    elif channels == 4:  # RGBA: the alpha channel is dropped
-        x = x[..., :3]
-    return x.permute(0, 3, 1, 2).clamp(0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+    return image_checks.rgb_bhwc(image, what).permute(0, 3, 1, 2).contiguous()
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:

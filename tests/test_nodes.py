@@ -95,6 +95,24 @@ def test_channels_and_batch_rules(model):
         pack_nodes.HyperStyleEncode().encode(model, torch.rand(1, 64, 64, 5))
 
 
+def test_nodes_check_image_values(model):
+    """NaN pixels and 0..255 float images are refused with the range found (before: NaN / clamped to white)."""
+    images = comfy_images(1)
+    broken = images.clone()
+    broken[0, 10, 10, 2] = float("inf")
+    latent, _ = pack_nodes.HyperStyleEncode().encode(model, images)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pack_nodes.HyperStyleEncode().encode(model, broken)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pack_nodes.HyperStyleRefine().refine(model, broken, latent, 1)
+    with pytest.raises(ValueError, match=r"values from .* to 2\d\d.*divide it by 255"):
+        pack_nodes.HyperStyleEncode().encode(model, images * 255)
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    from_uint8, _ = pack_nodes.HyperStyleEncode().encode(model, as_uint8)
+    from_float, _ = pack_nodes.HyperStyleEncode().encode(model, as_uint8.float() / 255)
+    assert torch.equal(from_uint8.codes, from_float.codes)
+
+
 def test_wrong_checkpoint_kind_in_loader(in_models_dir):
     with pytest.raises(CheckpointError, match="tiny_generator.pt is a StyleGAN2 generator"):
         pack_nodes.HyperStyleLoader().load("tiny_generator.pt", "tiny_w_encoder.pt", "fp32", "cpu")
