@@ -394,9 +394,9 @@ def _match_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def build_generator(ckpt: ckpts.Checkpoint) -> Generator:
-    generator = Generator(ckpts.generator_config(ckpt.parts["decoder"]))
-    generator.load_state_dict(ckpt.parts["decoder"], strict=True)
-    return generator.eval()
+    with ckpts.contents_checked(ckpt):
+        generator = Generator(ckpts.generator_config(ckpt.parts["decoder"]))
+    return ckpts.load_weights(generator, ckpt, "decoder").eval()
 
 
 def _latent_avg(ckpt: ckpts.Checkpoint, generator: Generator) -> torch.Tensor:
@@ -423,8 +423,9 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
         raise ValueError("pass either w_encoder or e4e as the initial encoder, not both")
     main = ckpts.read_checkpoint(checkpoint).expect(ckpts.HYPERSTYLE, "the HyperStyle checkpoint")
     generator = build_generator(main)
-    hypernet = HyperNetwork(ckpts.hypernet_config(main, generator.config))
-    hypernet.load_state_dict(main.parts["hypernet"], strict=True)
+    with ckpts.contents_checked(main):
+        hypernet = HyperNetwork(ckpts.hypernet_config(main, generator.config))
+    ckpts.load_weights(hypernet, main, "hypernet")
 
     encoder, encoder_latent_avg = None, None
     if w_encoder is not None or e4e is not None:
@@ -432,8 +433,9 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
                             else (ckpts.E4E, e4e, "the e4e encoder"))
         enc = ckpts.read_checkpoint(path).expect(kind, role)
         enc.expect_size(main.output_size, "an encoder", f"the HyperStyle checkpoint {main.name}")
-        encoder = build_encoder(ckpts.encoder_config(enc))
-        encoder.load_state_dict(enc.parts["encoder"], strict=True)
+        with ckpts.contents_checked(enc):
+            encoder = build_encoder(ckpts.encoder_config(enc))
+        ckpts.load_weights(encoder, enc, "encoder")
         if kind == ckpts.E4E and enc.latent_avg is not None:
             encoder_latent_avg = enc.latent_avg  # e4e was trained around its own average code
         # the W-encoder's codes are offsets from HyperStyle's latent_avg, as in the official code
