@@ -12,6 +12,7 @@ Files are read with `weights_only=True`: a file whose pickle would build arbitra
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 import re
@@ -371,6 +372,20 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, part: str) -> torch.
                               f"(or its training diverged): download it again, or use an earlier checkpoint.")
     module.load_state_dict(weights, strict=True)
     return module
+
+
+def weights_signature(weights: dict) -> str:
+    """A fingerprint of a state dict's names, dtypes, shapes and bytes (sha256, 12 hex digits): the same for the
+    same weights in a .pt or a converted .safetensors file, at any precision the model is later cast to. The
+    released generator's 120 MB hash in about 0.1-0.3 s, once per load."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        value = weights[key]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{value.dtype}:{list(value.shape)};".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------------------------

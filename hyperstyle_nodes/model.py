@@ -83,6 +83,8 @@ class HyperStyleModel(nn.Module):
         offset = latent_avg if encoder_latent_avg is None else encoder_latent_avg
         self.register_buffer("encoder_latent_avg", _as_styles(offset, generator.n_styles))
         self.name = name
+        # the generator's weights fingerprint (checkpoints.weights_signature): codes and offsets fit only it
+        self.generator_signature = ""
         self._chunk_limit: Optional[int] = None  # largest chunk known to fit, after an out-of-memory retry
         self.cuda_graphs = True  # replay recorded CUDA graphs at inference (see cuda_graphs.py)
         self._graph_cache: Optional[GraphCache] = None
@@ -442,4 +444,5 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
 
     model = HyperStyleModel(generator, hypernet, _latent_avg(main, generator), encoder, encoder_latent_avg,
                             name=Path(checkpoint).name)
+    model.generator_signature = ckpts.weights_signature(main.parts["decoder"])
     return model.eval().to(device=device, dtype=dtype).channels_last_()
