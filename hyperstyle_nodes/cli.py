@@ -285,7 +285,7 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
     from PIL import Image, ImageOps
     from tqdm import tqdm
 
-    from . import alignment, ops
+    from . import alignment, image_checks, ops
     from .downloads import WeightsUnavailableError
     from .manager import get_manager
 
@@ -338,8 +338,8 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
             with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice that
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as photo:  # phones store rotation in EXIF; ComfyUI's Load Image applies it too
-                    pixels = np.array(ImageOps.exif_transpose(photo).convert("RGB"))
-            image = torch.from_numpy(pixels).float()[None] / 255
+                    pixels = torch.from_numpy(np.array(ImageOps.exif_transpose(photo).convert("RGB")))
+            image = image_checks.rgb_bhwc(pixels)  # uint8 -> [1, H, W, 3] in [0, 1], as every path does
             faces, records = alignment.align_batch(image, detector, args.align_size, args.faces, 0, args.threshold,
                                                    "error")
             latent, _ = ops.encode(model, faces)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from . import image_checks
+
 # Network name accepted by us -> (facexlib network_name, file name of the released facexlib weights).
 _NETWORKS = {
     "mobilenet0.25": ("mobile0.25", "detection_mobilenet0.25_Final.pth"),
@@ -59,10 +61,10 @@ def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def to_rgb_float(image: ImageLike, what: str = "image") -> torch.Tensor:
-    """Any HxW, HxWx1, HxWx3 or HxWx4 image (numpy or torch, uint8 or float) -> float32 tensor [H,W,3] in 0..1.
+    """Any HxW or HxWxC image (C = 1-4; numpy or torch, uint8 or float) -> float32 tensor [H,W,3] in 0..1 on the CPU.
 
-    Floats are taken as 0..1 (the ComfyUI convention); a float image whose values exceed 1.5 is taken as 0..255.
-    Grey images are repeated to three channels, alpha is dropped.
+    The values follow image_checks' policy (uint8 /255; floats finite and in [0, 1], a 0..255 float image is
+    refused); grey images are repeated to three channels, alpha is dropped.
     """
     if isinstance(image, np.ndarray):
         tensor = numpy_to_tensor(image)
@@ -70,29 +72,7 @@ def to_rgb_float(image: ImageLike, what: str = "image") -> torch.Tensor:
         tensor = image.detach().cpu()
     else:
         raise TypeError(f"{what} must be a numpy array or torch tensor of shape HxWxC, got {type(image).__name__}")
-    if tensor.ndim == 2:
-        tensor = tensor[:, :, None]
-    if tensor.ndim != 3 or tensor.shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} must have shape HxW or HxWxC with C in (1, 3, 4) (channels last), got {tuple(tensor.shape)}")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(tensor.shape)})")
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
-    elif tensor.dtype.is_floating_point:
-        tensor = tensor.float()
-        low, high = (float(v) for v in torch.aminmax(tensor))  # NaN and inf show up in the extremes
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{what} contains NaN or infinite values")
-        if high > 1.5:
-            tensor, low, high = tensor / 255.0, low / 255.0, high / 255.0
-        if low < 0.0 or high > 1.0:
-            tensor = tensor.clamp(0.0, 1.0)
-    else:
-        raise TypeError(f"{what} must be uint8 or floating point, got {tensor.dtype}")
-    if tensor.shape[2] == 1:
-        tensor = tensor.expand(-1, -1, 3)
-    return tensor[:, :, :3].contiguous()
+    return image_checks.rgb_hwc(tensor, what).contiguous()
 
 
 class FaceDetector:

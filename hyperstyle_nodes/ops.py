@@ -2,8 +2,10 @@
 
 ComfyUI's IMAGE is a float tensor [B, H, W, C] in [0, 1]; the engine works on [B, 3, H, W]. The values that flow
 between nodes are the small dataclasses below: a handle to a manager-owned model, latent codes and compact offsets,
-each tagged with the model they belong to. Codes and offsets live on the CPU between nodes (like IMAGE), so
-nothing stays on the GPU after a prompt except the models the manager keeps.
+each tagged with the model they belong to: its name (for messages) and its generator's signature (compared: codes
+and offsets fit only the generator they were made for; another HyperStyle file with the same generator may use
+them). Codes and offsets live on the CPU between nodes (like IMAGE), so nothing stays on the GPU after a prompt
+except the models the manager keeps.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import editing, inversion_io
+from . import editing, image_checks, inversion_io
 from .downloads import resolve
 from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
@@ -35,6 +37,7 @@ class LoadedModel:
     resolution: int
     n_styles: int
     encoder_kind: Optional[str] = None
+    signature: str = ""  # the generator's weights fingerprint (HyperStyleModel.generator_signature)
 
     def use(self) -> HyperStyleModel:
         return self.handle.use()
@@ -46,6 +49,7 @@ class Latent:
 
     codes: torch.Tensor
     model_id: str
+    signature: str = ""  # of the model's generator; "" (unknown: older saved files) is not compared
 
     @property
     def batch(self) -> int:
@@ -58,6 +62,7 @@ class Offsets:
 
     deltas: list
     model_id: str
+    signature: str = ""  # as Latent.signature
 
     @property
     def batch(self) -> int:
@@ -80,25 +85,12 @@ class LoadedGenerator:
 def image_to_bchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] (C = 1, 2, 3 or 4) -> RGB [B, 3, H, W] float in [0, 1] on the CPU.
 
-    Grayscale is repeated to RGB; an alpha channel is ignored.
+    The values follow image_checks' policy (uint8 /255; floats finite and in [0, 1]); grayscale is repeated to RGB
+    and an alpha channel is ignored.
     """
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{what}: expected an IMAGE tensor, got {type(image).__name__}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{what}: expected an IMAGE of shape [batch, height, width, channels] with 1-4 channels, "
-                         f"got {list(image.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError(f"{what}: the image batch is empty")
-    x = image.detach().cpu()
-    x = x.float() / 255 if not x.is_floating_point() else x.float()
-    channels = x.shape[-1]
-    if channels in (1, 2):  # grayscale (+ alpha)
-        x = x[..., :1].expand(-1, -1, -1, 3)
-    elif channels == 4:  # RGBA: the alpha channel is dropped
-        x = x[..., :3]
-    return x.permute(0, 3, 1, 2).clamp(0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+    return image_checks.rgb_bhwc(image, what).permute(0, 3, 1, 2).contiguous()
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +135,8 @@ def load_model(checkpoint: str, encoder: Optional[str] = None, precision: str = 
     handle = manager.load(key, build, device=torch_device, dtype=dtype)
     model = handle.model
     return LoadedModel(handle=handle, model_id=f"{main_path.name}:{main_path.stat().st_size}",
-                       resolution=model.resolution, n_styles=model.n_styles, encoder_kind=encoder_kind)
+                       resolution=model.resolution, n_styles=model.n_styles, encoder_kind=encoder_kind,
+                       signature=model.generator_signature)
 
 
 def load_domain_generator(name: str, device: str = "auto", precision: str = "auto") -> LoadedGenerator:
@@ -187,14 +180,25 @@ def _broadcast_batches(**batches: int) -> int:
     return n
 
 
+def _check_signature(model: LoadedModel, value, what: str, made_by: str) -> None:
+    """Codes and offsets fit only the generator they were made with (an unknown signature is not compared)."""
+    if value.signature and model.signature and value.signature != model.signature:
+        raise ValueError(f"{what.capitalize()} from {value.model_id} (generator {value.signature}) cannot be used with "
+                         f"{model.model_id} (generator {model.signature}): they fit only the generator they were made "
+                         f"with. Connect the {what} from this model's {made_by} (or Load Inversion of a file saved "
+                         f"with it), or load {value.model_id.rsplit(':', 1)[0]} in Load HyperStyle.")
+
+
 def _check_latent(model: LoadedModel, latent: Latent) -> None:
     if latent.codes.shape[1] != model.n_styles:
         raise ValueError(f"this latent has {latent.codes.shape[1]} style codes (from {latent.model_id}) but the "
                          f"model {model.model_id} is {model.resolution} px with {model.n_styles}; encode with the "
                          f"same model")
+    _check_signature(model, latent, "latent", "e4e Encode")
 
 
-def _check_offsets(model: HyperStyleModel, offsets: Offsets) -> None:
+def _check_offsets(loaded: LoadedModel, model: HyperStyleModel, offsets: Offsets) -> None:
+    _check_signature(loaded, offsets, "offsets", "HyperStyle Refine")
     shapes = model.generator.config.layer_shapes
     if len(offsets.deltas) != len(shapes):
         raise ValueError(f"these offsets have {len(offsets.deltas)} layers (from {offsets.model_id}) but the model "
@@ -214,7 +218,7 @@ def encode(model: LoadedModel, image: torch.Tensor) -> tuple:
     x = image_to_bchw(image)
     codes = hs.encode(x)
     recon = hs.decode(codes)
-    return Latent(codes.float().cpu(), model.model_id), bchw_to_image(recon)
+    return Latent(codes.float().cpu(), model.model_id, model.signature), bchw_to_image(recon)
 
 
 def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: int = 5,
@@ -224,12 +228,12 @@ def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: 
     _check_latent(model, latent)
     x = image_to_bchw(image)
     if offsets is not None:
-        _check_offsets(hs, offsets)
+        _check_offsets(model, hs, offsets)
     _broadcast_batches(images=x.shape[0], latent=latent.batch, offsets=None if offsets is None else offsets.batch)
     deltas = None if offsets is None else [_on_model(hs, d) for d in offsets.deltas]
     inv = hs.invert(x, n_iters=iterations, codes=_on_model(hs, latent.codes), deltas=deltas, keep_steps=False,
                     on_step=on_step)
-    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id)
+    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id, model.signature)
     return out, bchw_to_image(inv.images)
 
 
@@ -242,7 +246,7 @@ def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None
     codes = _on_model(hs, latent.codes).expand(batch, -1, -1)
     deltas = None
     if offsets is not None:
-        _check_offsets(hs, offsets)
+        _check_offsets(model, hs, offsets)
         deltas = [None if d is None else _on_model(hs, d).expand(batch, *d.shape[1:]) for d in offsets.deltas]
     other: Optional[Generator] = None
     if generator is not None:
@@ -309,7 +313,7 @@ def apply_edit(latent: Latent, direction: str, strength: float, layer_start: int
         edited = editing.apply_ganspace(codes, edit, ganspace_component, start, min(end, n_styles), strength)
     else:
         edited = editing.apply_direction(codes, edit, strength, (start, end))
-    return Latent(edited, latent.model_id)
+    return Latent(edited, latent.model_id, latent.signature)
 
 
 def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to: float, steps: int,
@@ -330,8 +334,8 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
         deltas = offsets.deltas
         if offsets.batch != latent.batch:  # one set of offsets for every latent
             deltas = [None if d is None else d.expand(latent.batch, *d.shape[1:]) for d in deltas]
-        swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id)
-    return Latent(edited, latent.model_id), swept
+        swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id, offsets.signature)
+    return Latent(edited, latent.model_id, latent.signature), swept
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,18 +347,24 @@ def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offset
     from pathlib import Path
     codes, deltas = latent.codes, []
     if offsets is not None:  # a file holds matching batches: expand a batch of 1 on either side
+        if latent.signature and offsets.signature and latent.signature != offsets.signature:
+            raise ValueError(f"the latent ({latent.model_id}, generator {latent.signature}) and the offsets "
+                             f"({offsets.model_id}, generator {offsets.signature}) come from different models; "
+                             f"save a latent and offsets made with the same model")
         batch = _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
         codes = codes.expand(batch, -1, -1)
         deltas = [None if d is None else d.expand(batch, *d.shape[1:]) for d in offsets.deltas]
     target = Path(folder) / f"{prefix}.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
-    return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False)
+    return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False,
+                                       signature=latent.signature or (offsets.signature if offsets else ""))
 
 
 def load_inversion(path) -> tuple:
     codes, deltas, meta = inversion_io.load_inversion(path)
-    model_id = meta.get("model_id", "")
-    return Latent(codes, model_id), (Offsets(deltas, model_id) if any(d is not None for d in deltas) else None)
+    model_id, signature = meta.get("model_id", ""), meta.get("generator_signature", "")
+    return Latent(codes, model_id, signature), (Offsets(deltas, model_id, signature)
+                                                if any(d is not None for d in deltas) else None)
 
 
 def saved_inversions(folder) -> list:
