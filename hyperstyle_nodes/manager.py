@@ -5,8 +5,9 @@
     model = handle.use()          # call before every use: puts the model back on its device if it was moved off
 
 `key` is a hashable tuple naming what `builder()` reads (see `file_identity`), plus anything else that changes
-the result. A builder that raises leaves nothing in the cache. Outside ComfyUI the cache is an LRU with a byte
-budget. Inside ComfyUI each model is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded through
+the result. A builder that raises leaves nothing in the cache. The cache is an LRU with a byte budget
+(HYPERSTYLE_CACHE_BYTES, 8 GiB by default): the least recently used models leave it first, and are freed once
+nothing else (e.g. ComfyUI's cache of node outputs) holds them. Inside ComfyUI each model is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded through
 `comfy.model_management.load_models_gpu`, so ComfyUI counts its memory, honours --cpu/--lowvram/--novram, and can
 move it off the GPU when it needs the room (the next `use()` moves it back without reading the disk). ComfyUI's
 "unload models" (`unload_all_models`: POST /free, after an out-of-memory error, after every prompt under
@@ -162,7 +163,9 @@ class ModelManager:
             budget_bytes = _parse_bytes(env) if env else DEFAULT_CACHE_BYTES
         self.budget_bytes = budget_bytes
         self.disk_loads = 0  # how many times a builder ran (read weights from disk)
-        self._handles: OrderedDict[Hashable, ModelHandle] = OrderedDict()
+        self._handles: OrderedDict[Hashable, ModelHandle] = OrderedDict()  # the cache, within the budget
+        # every handle still alive, in the cache or held elsewhere: found again by `load`, emptied by `unload_all`
+        self._alive: weakref.WeakValueDictionary[Hashable, ModelHandle] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
         if self.in_comfyui:
             _empty_on_comfyui_unload(self._comfy.model_management, self)
@@ -190,18 +193,22 @@ class ModelManager:
         dtype = None if dtype is None else self.get_dtype(dtype, device)
         cache_key = (key, str(device), str(dtype))
         with self._lock:
-            handle = self._handles.get(cache_key)
+            handle = self._handles.get(cache_key) or self._alive.get(cache_key)
             if handle is None:
                 handle = ModelHandle(self, cache_key, builder, device, dtype)
                 self._fill(handle)  # raises before the handle is stored: a failed load is never cached
-                self._handles[cache_key] = handle
+                self._alive[cache_key] = handle
             elif not handle.loaded:  # emptied by `unload_all`
                 handle._builder = builder
                 self._fill(handle)
-            self._handles.move_to_end(cache_key)
-            if not self.in_comfyui:  # inside ComfyUI its own memory management decides what stays on the GPU
-                self._evict_over_budget(keep=cache_key)
+            self._keep(handle)
             return handle
+
+    def _keep(self, handle: ModelHandle) -> None:
+        """Put a loaded handle at the recent end of the cache, and make room under the budget."""
+        self._handles[handle._cache_key] = handle
+        self._handles.move_to_end(handle._cache_key)
+        self._evict_over_budget(keep=handle._cache_key)
 
     def _fill(self, handle: ModelHandle) -> None:
         """Run the handle's builder and put the result on its device; on any error the handle stays empty."""
@@ -226,9 +233,7 @@ class ModelManager:
         with self._lock:
             if not handle.loaded:
                 self._fill(handle)
-                self._handles.setdefault(handle._cache_key, handle)
-            if self._handles.get(handle._cache_key) is handle:
-                self._handles.move_to_end(handle._cache_key)
+            self._keep(handle)
         if handle.patcher is not None:
             # Full load: our modules are plain torch layers, which cannot run half on the GPU, half off it.
             self._comfy.model_management.load_models_gpu([handle.patcher], force_full_load=True)
@@ -252,11 +257,12 @@ class ModelManager:
         Handles stay valid: the next `use()` (or `load()` of the same key) reads the file again.
         """
         with self._lock:
-            loaded = [handle for handle in self._handles.values() if handle.loaded]
+            loaded = [handle for handle in self._alive.values() if handle.loaded]
             released = sum(handle.size_bytes for handle in loaded)
             for handle in loaded:
                 handle.model = handle.module = handle.patcher = None
                 handle.size_bytes = 0
+            self._handles.clear()
         if loaded:
             gc.collect()  # models with reference cycles would otherwise wait for the next collection
             if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -257,6 +257,23 @@ def test_comfyui_unload_empties_the_cache_and_the_next_use_reads_the_file_again(
     assert id(comfy.patchers[-1]) in comfy.on_gpu and comfy.patchers[-1].model is handle.model
 
 
+def test_inside_comfyui_the_budget_applies_and_unload_reaches_models_held_elsewhere(monkeypatch):
+    """The cache no longer keeps every model for the server's life; a model ComfyUI still holds is found again."""
+    comfy = FakeComfy(monkeypatch)
+    manager = ModelManager(budget_bytes=LINEAR_BYTES)
+    builders = {name: CountingBuilder() for name in "ab"}
+    held = manager.load(("a",), builders["a"])  # as ComfyUI's cache of node outputs holds a loader's output
+    manager.load(("b",), builders["b"])
+    assert manager.cached_bytes == LINEAR_BYTES, "a left the cache: over the budget"
+    assert manager.load(("a",), builders["a"]) is held and builders["a"].calls == 1, "held elsewhere: not re-read"
+    manager.load(("b",), builders["b"])
+    assert builders["b"].calls == 2, "b was held by nothing once evicted, so it was freed"
+
+    manager.load(("b",), builders["b"])  # now a is out of the cache, but alive
+    comfy.model_management.unload_all_models()
+    assert not held.loaded and manager.cached_bytes == 0
+
+
 def test_comfyui_unload_is_wrapped_once_for_every_manager(monkeypatch):
     comfy = FakeComfy(monkeypatch)
     managers = [ModelManager(), ModelManager()]
@@ -354,3 +371,23 @@ def test_with_a_real_comfyui_checkout():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "real ComfyUI ok" in result.stdout
+
+
+def test_an_encoder_of_another_code_width_is_refused_at_load_and_not_cached(tiny_ckpts, tmp_path, no_gpu):
+    """It used to load, fail only in Encode with a raw size mismatch, and stay in the cache."""
+    from hyperstyle_nodes import CheckpointError, ops
+    from hyperstyle_nodes.encoders import build_encoder
+    from hyperstyle_nodes.tiny import tiny_encoder_config, tiny_generator_config
+
+    narrow_codes = build_encoder(tiny_encoder_config("w_encoder", tiny_generator_config(128, style_dim=32)))
+    other = tmp_path / "w_encoder_32.pt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in narrow_codes.state_dict().items()},
+                "opts": {"output_size": 128, "encoder_type": "WEncoder", "input_nc": 3}}, other)
+    manager = get_manager()
+    cached, loads = manager.cached_bytes, manager.disk_loads
+    with pytest.raises(CheckpointError) as raised:
+        ops.load_model(str(tiny_ckpts["hyperstyle"]), str(other), "fp32", "cpu")
+    message = str(raised.value)
+    assert "The W-encoder w_encoder_32.pt makes 32-wide latent codes" in message
+    assert f"HyperStyle checkpoint {tiny_ckpts['hyperstyle'].name} takes 64-wide codes" in message
+    assert manager.disk_loads == loads + 1 and manager.cached_bytes == cached, "nothing stays cached"
