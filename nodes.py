@@ -346,7 +346,7 @@ NODE_CLASS_MAPPINGS = {
 # A prompt may come from anyone who reaches the server: while a node runs, model files are read only from the models
 # folders (safe_paths.confined); Python and CLI callers of `ops` keep taking any path.
 for _node_class in NODE_CLASS_MAPPINGS.values():
-    setattr(_node_class, _node_class.FUNCTION, safe_paths.run_confined(getattr(_node_class, _node_class.FUNCTION)))
+    safe_paths.confine_node(_node_class)
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleLoader": "Load HyperStyle",

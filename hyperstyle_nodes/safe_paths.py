@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -73,10 +74,20 @@ def confined():
 
 
 def run_confined(function):
-    """`function` wrapped to run inside `confined()` (for node entry points)."""
+    """`function` wrapped to run inside `confined()`."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         with confined():
             return function(*args, **kwargs)
 
     return wrapper
+
+
+def confine_node(node_class) -> None:
+    """Make a ComfyUI node class's FUNCTION run inside `confined()` (plain, static or class method)."""
+    name = node_class.FUNCTION
+    method = inspect.getattr_static(node_class, name)
+    if isinstance(method, (staticmethod, classmethod)):
+        setattr(node_class, name, type(method)(run_confined(method.__func__)))
+    else:
+        setattr(node_class, name, run_confined(method))

@@ -110,3 +110,37 @@ def test_python_callers_keep_taking_any_path(comfy_like):
     model = ops.load_model(str(outside / "hyperstyle.pt"), str(outside / "w_encoder.pt"), "fp32", "cpu")
     assert model.n_styles == 12
     assert ops.apply_edit(latent(), str(outside / "direction.pt"), 1.0).codes.shape == (1, 12, 64)
+
+
+def test_confine_node_wraps_plain_static_and_class_methods():
+    seen = []
+
+    class Plain:
+        FUNCTION = "run"
+
+        def run(self, x):
+            seen.append(safe_paths._confined.get())
+            return x
+
+    class Static:
+        FUNCTION = "run"
+
+        @staticmethod
+        def run(x):
+            seen.append(safe_paths._confined.get())
+            return x
+
+    class ClassMethod:
+        FUNCTION = "run"
+
+        @classmethod
+        def run(cls, x):
+            seen.append(safe_paths._confined.get())
+            return x
+
+    for node_class in (Plain, Static, ClassMethod):
+        safe_paths.confine_node(node_class)
+        assert getattr(node_class(), "run")(7) == 7
+    assert seen == [True, True, True] and safe_paths._confined.get() is False
+    assert all(getattr(pack_nodes.NODE_CLASS_MAPPINGS[name], cls.FUNCTION).__wrapped__
+               for name, cls in pack_nodes.NODE_CLASS_MAPPINGS.items())
