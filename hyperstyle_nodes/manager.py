@@ -367,7 +367,11 @@ def _empty_on_comfyui_unload(model_management, manager: ModelManager) -> None:
 
 
 def _return_freed_memory_to_the_os() -> None:
-    """glibc keeps freed heap memory for reuse; give it back so the process's memory actually drops after an unload."""
+    """glibc keeps freed heap memory for reuse; give it back so the process's memory actually drops after an unload.
+
+    In a CPU ComfyUI server, unloading a 163 MiB model lowered the resident memory by 48 MiB without this, 448 MiB
+    with it (the rest is what loading the checkpoint had left on the heap).
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
