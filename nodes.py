@@ -6,11 +6,11 @@ from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
     from .hyperstyle_nodes import alignment as face_alignment
-    from .hyperstyle_nodes import downloads, ops
+    from .hyperstyle_nodes import downloads, ops, safe_paths
     from .hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 except ImportError:  # imported as a top-level module (tests, scripts)
     from hyperstyle_nodes import alignment as face_alignment
-    from hyperstyle_nodes import downloads, ops
+    from hyperstyle_nodes import downloads, ops, safe_paths
     from hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 
 CATEGORY = "HyperStyle"
@@ -331,8 +331,8 @@ class HyperStyleLoadInversion:
     CATEGORY = CATEGORY
 
     def load(self, inversion):
-        import os
-        return ops.load_inversion(os.path.join(_output_dir(), inversion))
+        return ops.load_inversion(safe_paths.path_under(_output_dir(), inversion, "inversion", "the output folder",
+                                                        "hyperstyle/inversion_00001.safetensors"))
 
 
 NODE_CLASS_MAPPINGS = {
@@ -348,6 +348,11 @@ NODE_CLASS_MAPPINGS = {
     "HyperStyleSaveInversion": HyperStyleSaveInversion,
     "HyperStyleLoadInversion": HyperStyleLoadInversion,
 }
+
+# A prompt may come from anyone who reaches the server: while a node runs, model files are read only from the models
+# folders (safe_paths.confined); Python and CLI callers of `ops` keep taking any path.
+for _node_class in NODE_CLASS_MAPPINGS.values():
+    safe_paths.confine_node(_node_class)
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleLoader": "Load HyperStyle",

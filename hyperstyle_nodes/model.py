@@ -436,8 +436,15 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
         enc = ckpts.read_checkpoint(path).expect(kind, role)
         enc.expect_size(main.output_size, "an encoder", f"the HyperStyle checkpoint {main.name}")
         with ckpts.contents_checked(enc):
-            encoder = build_encoder(ckpts.encoder_config(enc))
+            encoder_config = ckpts.encoder_config(enc)
+            encoder = build_encoder(encoder_config)
         ckpts.load_weights(encoder, enc, "encoder")
+        if encoder_config.style_dim != generator.config.style_dim:  # else Encode fails with a raw size mismatch
+            raise ckpts.CheckpointError(
+                f"{role[0].upper() + role[1:]} {enc.name} makes {encoder_config.style_dim}-wide latent codes, but "
+                f"the generator of the HyperStyle checkpoint {main.name} takes {generator.config.style_dim}-wide "
+                f"codes: they belong to different models. Use the encoder trained with this checkpoint (faces_w_encoder or "
+                f"e4e_ffhq_encode for hyperstyle_ffhq).")
         if kind == ckpts.E4E and enc.latent_avg is not None:
             encoder_latent_avg = enc.latent_avg  # e4e was trained around its own average code
         # the W-encoder's codes are offsets from HyperStyle's latent_avg, as in the official code

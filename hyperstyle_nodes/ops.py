@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import editing, image_checks, inversion_io
-from .downloads import resolve
+from . import downloads, editing, image_checks, inversion_io, safe_paths
 from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
 from .model import HyperStyleModel, load_generator, load_hyperstyle
@@ -106,6 +105,11 @@ def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
+
+
+def resolve(name_or_path, kind: Optional[str] = None):
+    """`downloads.resolve`; while a node runs (safe_paths.confined), only files inside the models folders."""
+    return safe_paths.check_model_file(downloads.resolve(name_or_path, kind=kind), downloads.model_folders())
 
 
 def load_model(checkpoint: str, encoder: Optional[str] = None, precision: str = "auto",
@@ -343,8 +347,10 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
 
 
 def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offsets] = None):
-    """Codes + offsets + model id -> `<folder>/<prefix>_00001.safetensors` (never overwrites)."""
-    from pathlib import Path
+    """Codes + offsets + model id -> `<folder>/<prefix>_00001.safetensors` (never overwrites).
+
+    The prefix must stay inside `folder` (as ComfyUI's own save nodes require): '../x' or '/abs/x' are refused.
+    """
     codes, deltas = latent.codes, []
     if offsets is not None:  # a file holds matching batches: expand a batch of 1 on either side
         if latent.signature and offsets.signature and latent.signature != offsets.signature:
@@ -354,7 +360,8 @@ def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offset
         batch = _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
         codes = codes.expand(batch, -1, -1)
         deltas = [None if d is None else d.expand(batch, *d.shape[1:]) for d in offsets.deltas]
-    target = Path(folder) / f"{prefix}.safetensors"
+    base = safe_paths.path_under(folder, prefix, "filename_prefix", "the output folder", "hyperstyle/inversion")
+    target = base.with_name(f"{base.name}.safetensors")
     target.parent.mkdir(parents=True, exist_ok=True)
     return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False,
                                        signature=latent.signature or (offsets.signature if offsets else ""))

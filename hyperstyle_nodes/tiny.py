@@ -65,14 +65,15 @@ def _state(prefix: str, module: nn.Module) -> dict:
 
 
 def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tune: str = TINY_LAYERS_TO_TUNE,
-                           separable: bool = False) -> dict:
+                           separable: bool = False, narrow: float = 1 / 16) -> dict:
     """Write hyperstyle.pt, w_encoder.pt, e4e.pt and generator.pt (released formats) into `folder`.
 
+    `narrow` scales the generator's channels (1: StyleGAN2's full width, for tests that need a model of some size).
     Returns {'hyperstyle': path, 'w_encoder': path, 'e4e': path, 'generator': path}.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    gen_config = tiny_generator_config(size)
+    gen_config = tiny_generator_config(size, narrow)
     generator = make_generator(gen_config, seed)
     latent_avg = generator.mean_latent(2000).repeat(gen_config.n_styles, 1)
     rng = torch.Generator().manual_seed(seed + 1)

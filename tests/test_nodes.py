@@ -207,7 +207,7 @@ def test_latents_and_offsets_are_refused_by_another_model(model, other_models):
     assert other.signature and other.signature != model.signature
 
 
-def test_signatures_let_the_same_generator_through(model, other_models, tmp_path, tiny_ckpts):
+def test_signatures_let_the_same_generator_through(model, other_models, tmp_path, tiny_ckpts, in_models_dir):
     """What must keep working: edited latents, another domain's generator, a saved inversion loaded back, e4e codes
     refined with the W-encoder model of the same file, the file converted to safetensors, and offsets decoded by
     another HyperStyle file built on the same generator (they fit it: same image)."""
@@ -217,8 +217,8 @@ def test_signatures_let_the_same_generator_through(model, other_models, tmp_path
     (with_e4e,) = pack_nodes.HyperStyleLoader().load("tiny_hyperstyle.pt", "tiny_e4e.pt", "fp32", "cpu")
     latent, _ = pack_nodes.HyperStyleEncode().encode(with_e4e, images)
     offsets, refined = pack_nodes.HyperStyleRefine().refine(model, images, latent, 1)
-    torch.save(torch.randn(1, 64), tmp_path / "dir.pt")
-    (edited,) = pack_nodes.HyperStyleApplyEdit().edit(latent, str(tmp_path / "dir.pt"), 0, -1, 1.0, 0)
+    torch.save(torch.randn(1, 64), in_models_dir / "sig_dir.pt")  # nodes read weights only from the models folder
+    (edited,) = pack_nodes.HyperStyleApplyEdit().edit(latent, "sig_dir.pt", 0, -1, 1.0, 0)
     assert edited.signature == model.signature
     pack_nodes.HyperStyleDecode().decode(model, edited, "native", offsets)
     (gen,) = pack_nodes.HyperStyleLoadGenerator().load("tiny_generator.pt", "fp32", "cpu")
