@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an edit, repeatable: age, smile or pose (InterFaceGAN), a registry name, or a direction "
                            "file (.pt/.npy/.safetensors); STRENGTH may be negative, e.g. --edit age=-2. "
                            "With no --edit the photos are only reconstructed")
+    edit.add_argument("--text", default=None, metavar="'NEUTRAL -> TARGET'",
+                      help="a text edit (StyleCLIP global direction), e.g. --text 'face with hair -> face with curly "
+                           "hair'; needs fs3.npy, S_mean_std and templates.txt in <models dir>/styleclip/")
+    edit.add_argument("--alpha", type=float, default=4.0, help="strength of --text (default 4; negative reverses)")
+    edit.add_argument("--beta", type=float, default=0.13,
+                      help="disentanglement of --text: channels with relevance below it stay (default 0.13)")
     edit.add_argument("--layers", default=None, metavar="START:END",
                       help="edit only style layers START..END-1 (default: all)")
     edit.add_argument("--iterations", type=int, default=5, help="HyperStyle refinement passes (default 5)")
@@ -71,6 +77,17 @@ def parse_edits(items: list) -> list:
     return edits
 
 
+def parse_text_edit(text):
+    """'NEUTRAL -> TARGET' -> (neutral, target), or None."""
+    if text is None:
+        return None
+    neutral, sep, target = text.partition("->")
+    if not sep or not neutral.strip() or not target.strip():
+        raise ValueError(f"--text {text!r}: expected 'NEUTRAL -> TARGET', e.g. 'face with hair -> face with curly "
+                         f"hair'")
+    return neutral.strip(), target.strip()
+
+
 def parse_layers(text):
     if text is None:
         return 0, -1
@@ -104,7 +121,7 @@ def run_edit(args) -> int:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        edits, layers = parse_edits(args.edit), parse_layers(args.layers)
+        edits, layers, text_edit = parse_edits(args.edit), parse_layers(args.layers), parse_text_edit(args.text)
         photos = find_photos(args.input)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -113,11 +130,18 @@ def run_edit(args) -> int:
         print(f"error: no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {args.input}", file=sys.stderr)
         return EXIT_USAGE
 
+    from .styleclip import StyleClipError
+
     try:
         detector = ops.load_detector(args.detector, args.device)
         model = ops.load_model(args.checkpoint, args.encoder, args.precision, args.device)
         for name, _ in edits:  # fail early on a bad direction, before any photo is processed
             ops.load_edit(name, model.n_styles, model.use().generator.style_dim)
+        if text_edit is not None:  # likewise for the text edit's files, CLIP and prompts
+            ops.text_direction(model, *text_edit, args.beta)
+    except StyleClipError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (WeightsError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_WEIGHTS
@@ -135,7 +159,10 @@ def run_edit(args) -> int:
             edited = latent
             for name, strength in edits:
                 edited = ops.apply_edit(edited, name, strength, *layers)
-            decoded = ops.decode(model, edited, offsets)
+            if text_edit is None:
+                decoded = ops.decode(model, edited, offsets)
+            else:
+                decoded = ops.text_edit(model, edited, *text_edit, args.alpha, args.beta, offsets)
             result, _ = alignment.paste_back_batch(image, decoded, records, feather=args.feather)
         except alignment.NoFaceError as err:
             no_face.append(path.name)

@@ -34,8 +34,8 @@ from . import downloads
 EDITED_LAYERS = 11  # the official code edits the first 11 non-toRGB layers (STYLESPACE_INDICES_WITHOUT_TORGB[:11])
 CONTEXT_LENGTH = 77  # CLIP's text context, start and end tokens included
 CLIP_REPO = "openai/clip-vit-base-patch32"
-CLIP_FILES = ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-              "model.safetensors")
+CLIP_FILES = ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first the repository has
 FILES_FOLDER = "styleclip"
 FS3_FILE, S_STATS_FILE, TEMPLATES_FILE = "fs3.npy", "S_mean_std", "templates.txt"
 OFFICIAL_SOURCE = "github.com/yuval-alaluf/hyperstyle, folder editing/styleclip/global_directions/"
@@ -208,12 +208,12 @@ def load_global_directions(generator, folder: Optional[Path] = None) -> GlobalDi
 
 
 def edit_styles(styles: Sequence[torch.Tensor], delta_s: Sequence[torch.Tensor], alphas: Sequence[float]) -> list:
-    """S [B, width] per layer, edited with S + α ΔS for every α: [B * len(alphas), width], sample-major (image b's
-    alphas are rows b * len(alphas) ...)."""
+    """S [B, width] per layer, edited with S + α ΔS for every α: [len(alphas) * B, width], strength-major like
+    Edit Sweep (rows a * B ... a * B + B - 1 are the batch at alphas[a])."""
     a = torch.tensor(list(alphas), dtype=torch.float32, device=styles[0].device)
     out = []
     for s, d in zip(styles, delta_s):
-        edited = s.float()[:, None] + a[None, :, None] * d.to(s.device)[None, None]
+        edited = s.float()[None] + a[:, None, None] * d.to(s.device)[None, None]
         out.append(edited.reshape(-1, s.shape[1]).to(s.dtype))
     return out
 
@@ -295,12 +295,20 @@ def clip_folder(name: str = CLIP_REPO) -> Path:
         return given
     folder = downloads.models_dir() / name.split("/")[-1]
     missing = [f for f in CLIP_FILES if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in CLIP_WEIGHTS):
+        missing.append(CLIP_WEIGHTS[0])
     if missing:
         try:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
 
             for filename in missing:  # hf_hub_download writes a temporary file and renames it when complete
-                hf_hub_download(name, filename, local_dir=folder)
+                try:
+                    hf_hub_download(name, filename, local_dir=folder)
+                except EntryNotFoundError:
+                    if filename != CLIP_WEIGHTS[0]:
+                        raise
+                    hf_hub_download(name, CLIP_WEIGHTS[1], local_dir=folder)  # weights_only load in transformers
         except Exception as err:  # offline, no connection, 404
             raise downloads.WeightsUnavailableError(
                 f"could not download CLIP ({name}: {', '.join(missing)}) from the Hugging Face Hub "
