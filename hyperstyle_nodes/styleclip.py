@@ -297,6 +297,11 @@ def clip_folder(name: str = CLIP_REPO) -> Path:
     missing = [f for f in CLIP_FILES if not (folder / f).is_file()]
     if not any((folder / f).is_file() for f in CLIP_WEIGHTS):
         missing.append(CLIP_WEIGHTS[0])
+    offline = downloads._offline_reason() if missing else None
+    if offline:
+        raise downloads.WeightsUnavailableError(
+            f"CLIP ({name}) is not in {folder} and {offline}: download {', '.join(missing)} of the Hugging Face "
+            f"repo {name} by hand into {folder}")
     if missing:
         try:
             from huggingface_hub import hf_hub_download

@@ -23,22 +23,23 @@ def clip_dir(tmp_path_factory):
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip-vit-base-patch32")
 
 
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch, clip_dir, tiny_model, tiny_ckpts):
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, clip_dir, tiny_model, tiny_ckpts):
     """A models folder with the tiny checkpoints, the tiny CLIP (under the name the default loads) and
     synthetic StyleCLIP files for the tiny generator."""
-    folder = tmp_path / "models"
+    folder = tmp_path_factory.mktemp("models")
     shutil.copytree(clip_dir, folder / clip_dir.name)
     write_tiny_styleclip_files(folder / "styleclip", tiny_model.generator)
     for name, path in tiny_ckpts.items():
         shutil.copy(path, folder / f"tiny_{name}.pt")
-    monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(folder))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYPERSTYLE_MODELS_DIR", str(folder))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield folder
     get_manager().clear()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def loaded(models_dir):
     model = ops.load_model(str(models_dir / "tiny_hyperstyle.pt"), str(models_dir / "tiny_w_encoder.pt"), "fp32",
                            "cpu")
@@ -165,7 +166,7 @@ def test_missing_files_name_what_to_get(tmp_path):
 def test_missing_clip_offline_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsUnavailableError, match="could not download CLIP .* by hand into"):
+    with pytest.raises(WeightsUnavailableError, match="CLIP .* is not in .* HF_HUB_OFFLINE is set: download .* by hand into"):
         styleclip.clip_folder()
 
 
