@@ -281,12 +281,14 @@ class HyperStyleEditSweep:
         return ops.edit_sweep(latent, direction, strength_from, strength_to, steps, layer_start, layer_end, deltas)
 
 
-def _text_edit_inputs():
+def _text_edit_inputs(**strengths):
+    """The text edit's inputs, with the strength input(s) before β."""
     return {
         "model": ("HYPERSTYLE_MODEL", {"tooltip": "From Load HyperStyle."}),
         "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Codes of the inversion (from e4e Encode or Load Inversion)."}),
         "neutral_text": ("STRING", {"default": "face with hair", "tooltip": "What the face is now, in words."}),
         "target_text": ("STRING", {"default": "face with curly hair", "tooltip": "What it should become."}),
+        **strengths,
         "beta": ("FLOAT", {"default": 0.13, "min": 0.08, "max": 0.3, "step": 0.01,
                            "tooltip": "Disentanglement: only StyleSpace channels whose relevance to the text reaches "
                                       "β change. Higher: fewer channels, a more targeted edit."}),
@@ -309,9 +311,8 @@ class HyperStyleTextEdit:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = _text_edit_inputs()
-        inputs["alpha"] = ("FLOAT", {"default": 4.0, "min": -10.0, "max": 10.0, "step": 0.1,
-                                     "tooltip": "Strength; negative moves towards the neutral text."})
+        inputs = _text_edit_inputs(alpha=("FLOAT", {"default": 4.0, "min": -10.0, "max": 10.0, "step": 0.1,
+                                                    "tooltip": "Strength; negative moves towards the neutral text."}))
         return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
 
     RETURN_TYPES = ("IMAGE",)
@@ -319,7 +320,7 @@ class HyperStyleTextEdit:
     FUNCTION = "edit"
     CATEGORY = CATEGORY
 
-    def edit(self, model, latent, neutral_text, target_text, beta, alpha, deltas=None, output_size="native"):
+    def edit(self, model, latent, neutral_text, target_text, alpha, beta, deltas=None, output_size="native"):
         return (ops.text_edit(model, latent, neutral_text, target_text, alpha, beta, deltas, output_size),)
 
 
@@ -329,12 +330,10 @@ class HyperStyleTextEditSweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = _text_edit_inputs()
-        inputs["alpha_from"] = ("FLOAT", {"default": -5.0, "min": -10.0, "max": 10.0, "step": 0.1,
-                                          "tooltip": "First strength."})
-        inputs["alpha_to"] = ("FLOAT", {"default": 5.0, "min": -10.0, "max": 10.0, "step": 0.1,
-                                        "tooltip": "Last strength."})
-        inputs["steps"] = ("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "Number of strengths."})
+        inputs = _text_edit_inputs(
+            alpha_from=("FLOAT", {"default": -5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "First strength."}),
+            alpha_to=("FLOAT", {"default": 5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "Last strength."}),
+            steps=("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "Number of strengths."}))
         return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
 
     RETURN_TYPES = ("IMAGE",)
@@ -342,7 +341,7 @@ class HyperStyleTextEditSweep:
     FUNCTION = "sweep"
     CATEGORY = CATEGORY
 
-    def sweep(self, model, latent, neutral_text, target_text, beta, alpha_from, alpha_to, steps, deltas=None,
+    def sweep(self, model, latent, neutral_text, target_text, alpha_from, alpha_to, steps, beta, deltas=None,
               output_size="native"):
         alphas = ops.editing.linspace_strengths(alpha_from, alpha_to, steps)
         return (ops.text_edit(model, latent, neutral_text, target_text, alphas, beta, deltas, output_size),)

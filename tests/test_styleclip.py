@@ -222,10 +222,10 @@ def test_text_edit_node(loaded):
 
     model, latent, offsets = loaded
     node = nodes.NODE_CLASS_MAPPINGS["HyperStyleTextEdit"]()
-    (image,) = node.edit(model, latent, NEUTRAL, TARGET, 0.13, 4.0, offsets)
+    (image,) = node.edit(model, latent, NEUTRAL, TARGET, 4.0, 0.13, offsets)
     assert image.shape == (2, 128, 128, 3)
     sweep = nodes.NODE_CLASS_MAPPINGS["HyperStyleTextEditSweep"]()
-    (images,) = sweep.sweep(model, latent, NEUTRAL, TARGET, 0.13, -2.0, 2.0, 3, offsets, "256")
+    (images,) = sweep.sweep(model, latent, NEUTRAL, TARGET, -2.0, 2.0, 3, 0.13, offsets, "256")
     assert images.shape == (6, 256, 256, 3)
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["HyperStyleTextEdit"] == "Text Edit (StyleCLIP)"
 
