@@ -223,7 +223,8 @@ class HyperStyleModel(nn.Module):
                 return to_unit_range(self.generator.synthesis(chunk, chunk_deltas))
             layers, flat = self._flat_deltas(chunk_deltas, end - start)
             decode = functools.partial(self._graphed_style_decode, layers)
-            return to_unit_range(graphs.run(("decode_styles", layers), decode, chunk + flat))
+            # the styles end to end: one input to copy into the graph instead of one per layer
+            return to_unit_range(graphs.run(("decode_styles", layers), decode, [torch.cat(chunk, dim=1)] + flat))
 
         return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False),
                                          styles[0].device))
@@ -303,9 +304,9 @@ class HyperStyleModel(nn.Module):
     def _graphed_decode(self, layers, codes, *flat):
         return self.synthesize(codes, self._unflat_deltas(layers, flat))
 
-    def _graphed_style_decode(self, layers, *inputs):
-        n = self.generator.n_layers
-        return self.generator.synthesis(list(inputs[:n]), self._unflat_deltas(layers, inputs[n:]))
+    def _graphed_style_decode(self, layers, styles, *flat):
+        styles = list(styles.split(self.generator.style_widths(), dim=1))
+        return self.generator.synthesis(styles, self._unflat_deltas(layers, flat))
 
     def _unflat_deltas(self, layers, flat) -> Optional[Deltas]:
         if not layers:

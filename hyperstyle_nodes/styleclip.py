@@ -174,8 +174,12 @@ class GlobalDirections(nn.Module):
         self.widths = widths
         self.register_buffer("fs3", fs3.float())
         self.register_buffer("std", torch.cat([s_std[layer].reshape(-1).float() for layer in self.layers]))
-        # rows of fs3 for the edited layers: they come first, in layer order
+        # rows of fs3 for the edited layers: they come first, in layer order; `positions`: where their channels are
+        # in all layers' styles laid end to end
         self.n_edited = sum(widths[layer] for layer in self.layers)
+        starts = np.cumsum([0] + widths)
+        self.register_buffer("positions", torch.cat([torch.arange(starts[layer], starts[layer + 1])
+                                                     for layer in self.layers]))
 
     def relevance(self, delta_i: torch.Tensor) -> torch.Tensor:
         """r = fs3 @ Δi over every non-toRGB channel."""
@@ -191,14 +195,8 @@ class GlobalDirections(nn.Module):
                                  f"{r[:self.n_edited].abs().max():.4f}); lower β")
         # as the official code: scaled by the largest kept relevance over all of fs3's channels, edited or not
         scaled = kept[:self.n_edited] / kept.abs().max() * self.std
-        out, start = [], 0
-        for layer, width in enumerate(self.widths):
-            if layer in self.layers:
-                out.append(scaled[start:start + width])
-                start += width
-            else:
-                out.append(torch.zeros(width, device=scaled.device))
-        return out
+        flat = torch.zeros(sum(self.widths), device=scaled.device).index_copy_(0, self.positions, scaled)
+        return list(flat.split(self.widths))
 
 
 def load_global_directions(generator, folder: Optional[Path] = None) -> GlobalDirections:
@@ -210,12 +208,11 @@ def load_global_directions(generator, folder: Optional[Path] = None) -> GlobalDi
 def edit_styles(styles: Sequence[torch.Tensor], delta_s: Sequence[torch.Tensor], alphas: Sequence[float]) -> list:
     """S [B, width] per layer, edited with S + α ΔS for every α: [len(alphas) * B, width], strength-major like
     Edit Sweep (rows a * B ... a * B + B - 1 are the batch at alphas[a])."""
-    a = torch.tensor(list(alphas), dtype=torch.float32, device=styles[0].device)
-    out = []
-    for s, d in zip(styles, delta_s):
-        edited = s.float()[None] + a[:, None, None] * d.to(s.device)[None, None]
-        out.append(edited.reshape(-1, s.shape[1]).to(s.dtype))
-    return out
+    # all layers laid end to end: a few kernels instead of a few per layer (launches dominate at batch 1 on a GPU)
+    s, d = torch.cat(list(styles), dim=1), torch.cat(list(delta_s)).to(styles[0].device)
+    a = torch.tensor(list(alphas), dtype=torch.float32, device=s.device)
+    edited = torch.addcmul(s.float()[None], a[:, None, None], d[None, None]).reshape(-1, s.shape[1]).to(s.dtype)
+    return list(edited.split([t.shape[1] for t in styles], dim=1))
 
 
 # ---- CLIP text features ----------------------------------------------------------------------------------------
@@ -257,8 +254,8 @@ class TextEncoder(nn.Module):
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP text embeddings [N, D] (projected, not normalised), as the official `encode_text`."""
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(list(texts), padding="max_length", max_length=CONTEXT_LENGTH, truncation=False,
-                                return_tensors="pt")
+        # padded to the longest: CLIP's causal attention makes what follows the end token irrelevant
+        tokens = self.tokenizer(list(texts), padding=True, truncation=False, return_tensors="pt")
         out = self.model(input_ids=tokens["input_ids"].to(device))
         return out.text_embeds.float()
 
@@ -326,8 +323,8 @@ def load_text_encoder(name: str = CLIP_REPO) -> TextEncoder:
     transformers = _import_transformers()
     folder = clip_folder(name)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
-    model = transformers.CLIPTextModelWithProjection.from_pretrained(str(folder), dtype=torch.float32)
-    return TextEncoder(model, tokenizer)
+    model = transformers.CLIPTextModelWithProjection.from_pretrained(str(folder))
+    return TextEncoder(model.float(), tokenizer)
 
 
 # ---- conversion command ------------------------------------------------------------------------------------------
