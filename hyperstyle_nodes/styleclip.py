@@ -16,11 +16,9 @@ in `<models folder>/styleclip/`. The text encoder is CLIP ViT-B/32 through trans
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import io
 import pickle
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -325,31 +323,3 @@ def load_text_encoder(name: str = CLIP_REPO) -> TextEncoder:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
     model = transformers.CLIPTextModelWithProjection.from_pretrained(str(folder))
     return TextEncoder(model.float(), tokenizer)
-
-
-# ---- conversion command ------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hyperstyle_nodes.styleclip",
-                                     description="Convert StyleCLIP's S_mean_std pickle to safetensors (read without "
-                                                 "running code).")
-    parser.add_argument("input", type=Path, help="S_mean_std (official pickle)")
-    parser.add_argument("output", type=Path, help="where to write S_mean_std.safetensors")
-    parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    args = parser.parse_args(argv)
-    if args.output.suffix != ".safetensors":
-        parser.error(f"OUTPUT must end in .safetensors, got {args.output.name}")
-    if args.output.exists() and not args.force:
-        parser.error(f"{args.output} exists; pass --force to overwrite it")
-    try:
-        convert_s_statistics(args.input, args.output)
-    except (StyleClipError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

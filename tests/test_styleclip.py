@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hyperstyle_nodes import cli, ops, styleclip  # noqa: E402
+from hyperstyle_nodes import cli, convert, ops, styleclip  # noqa: E402
 from hyperstyle_nodes.downloads import WeightsUnavailableError  # noqa: E402
 from hyperstyle_nodes.manager import get_manager  # noqa: E402
 from hyperstyle_nodes.stylegan2 import style_index  # noqa: E402
@@ -151,11 +151,11 @@ def test_s_mean_std_pickle_and_safetensors_conversion(tmp_path, tiny_model):
     assert all(np.array_equal(a.numpy(), b.reshape(-1)) for a, b in zip(stds, official_stds))
     assert all(np.array_equal(a.numpy(), b.reshape(-1)) for a, b in zip(means, official_means))
     target = tmp_path / "S_mean_std.safetensors"
-    assert styleclip.main([str(folder / "S_mean_std"), str(target)]) == 0
+    assert convert.main([str(folder / "S_mean_std"), str(target)]) == 0
     means2, stds2 = styleclip.read_s_statistics(target)
     assert all(torch.equal(a, b) for a, b in zip(stds + means, stds2 + means2))
     with pytest.raises(SystemExit):  # never overwrites without --force
-        styleclip.main([str(folder / "S_mean_std"), str(target)])
+        convert.main([str(folder / "S_mean_std"), str(target)])
 
 
 def test_missing_files_name_what_to_get(tmp_path):
