@@ -97,7 +97,7 @@ def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tun
     return paths
 
 
-def write_tiny_clip(folder, seed: int = 0) -> Path:
+def write_tiny_clip(folder, seed: int = 0, projection_dim: int = 16) -> Path:
     """A tiny random CLIP text tower (transformers format) with a byte-level tokenizer (no merges): what
     `styleclip.load_text_encoder(folder)` reads, for tests without the 600 MB download."""
     import json
@@ -115,7 +115,7 @@ def write_tiny_clip(folder, seed: int = 0) -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                             pad_token_id=vocab["<|endoftext|>"])
     torch.manual_seed(seed)
