@@ -203,8 +203,9 @@ class HyperStyleModel(nn.Module):
     @torch.no_grad()
     def stylespace(self, codes: torch.Tensor) -> list:
         """StyleSpace S of W+ codes: every generator layer's style vector [B, in] (HyperStyle's layer numbering,
-        which is the official StyleSpace order: conv, toRGB, then per resolution upsampling conv, conv, toRGB)."""
-        return [s.clone() for s in self.generator.styles(codes.to(self.device, self.dtype))]
+        which is the official StyleSpace order: conv, toRGB, then per resolution upsampling conv, conv, toRGB).
+        Views of one tensor: edits make new tensors (`styleclip.edit_styles`), so nothing is copied here."""
+        return self.generator.styles(codes.to(self.device, self.dtype))
 
     @torch.no_grad()
     def decode_styles(self, styles, deltas: Optional[Deltas] = None, max_batch: Optional[int] = None) -> torch.Tensor:
