@@ -287,6 +287,72 @@ class HyperStyleEditSweep:
         return ops.edit_sweep(latent, direction, strength_from, strength_to, steps, layer_start, layer_end, deltas)
 
 
+def _text_edit_inputs(**strengths):
+    """The text edit's inputs, with the strength input(s) before β."""
+    return {
+        "model": ("HYPERSTYLE_MODEL", {"tooltip": "From Load HyperStyle."}),
+        "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Codes of the inversion (from e4e Encode or Load Inversion)."}),
+        "neutral_text": ("STRING", {"default": "face with hair", "tooltip": "What the face is now, in words."}),
+        "target_text": ("STRING", {"default": "face with curly hair", "tooltip": "What it should become."}),
+        **strengths,
+        "beta": ("FLOAT", {"default": 0.13, "min": 0.08, "max": 0.3, "step": 0.01,
+                           "tooltip": "Disentanglement: only StyleSpace channels whose relevance to the text reaches "
+                                      "β change. Higher: fewer channels, a more targeted edit."}),
+    }
+
+
+_TEXT_EDIT_OPTIONAL = {
+    "deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "HyperStyle offsets of the inversion (kept, so identity stays)."}),
+    "output_size": (["native", "512", "256"], {"default": "native", "tooltip": "native: the generator's "
+                                                                               "resolution."}),
+}
+_TEXT_EDIT_TIP = (" Needs fs3.npy, S_mean_std and templates.txt (official HyperStyle release, "
+                  "editing/styleclip/global_directions/) in models/hyperstyle/styleclip/ and the transformers "
+                  "package; CLIP ViT-B/32 downloads on first use.")
+
+
+class HyperStyleTextEdit:
+    DESCRIPTION = ("Edits an inversion with a text: a StyleCLIP global direction from 'neutral' to 'target' "
+                   "applied in StyleSpace, HyperStyle offsets kept. Outputs the edited image." + _TEXT_EDIT_TIP)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _text_edit_inputs(alpha=("FLOAT", {"default": 4.0, "min": -10.0, "max": 10.0, "step": 0.1,
+                                                    "tooltip": "Strength; negative moves towards the neutral text."}))
+        return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "edit"
+    CATEGORY = CATEGORY
+
+    def edit(self, model, latent, neutral_text, target_text, alpha, beta, deltas=None, output_size="native"):
+        return (ops.text_edit(model, latent, neutral_text, target_text, alpha, beta, deltas, output_size),)
+
+
+class HyperStyleTextEditSweep:
+    DESCRIPTION = ("A text edit over a range of strengths: one image per α (strength-major, as Edit Sweep)."
+                   + _TEXT_EDIT_TIP)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _text_edit_inputs(
+            alpha_from=("FLOAT", {"default": -5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "First strength."}),
+            alpha_to=("FLOAT", {"default": 5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "Last strength."}),
+            steps=("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "Number of strengths."}))
+        return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "sweep"
+    CATEGORY = CATEGORY
+
+    def sweep(self, model, latent, neutral_text, target_text, alpha_from, alpha_to, steps, beta, deltas=None,
+              output_size="native"):
+        alphas = ops.editing.linspace_strengths(alpha_from, alpha_to, steps)
+        return (ops.text_edit(model, latent, neutral_text, target_text, alphas, beta, deltas, output_size),)
+
+
 def _output_dir():
     try:
         import folder_paths
@@ -347,6 +413,8 @@ NODE_CLASS_MAPPINGS = {
     "HyperStyleEditSweep": HyperStyleEditSweep,
     "HyperStyleSaveInversion": HyperStyleSaveInversion,
     "HyperStyleLoadInversion": HyperStyleLoadInversion,
+    "HyperStyleTextEdit": HyperStyleTextEdit,
+    "HyperStyleTextEditSweep": HyperStyleTextEditSweep,
 }
 
 # A prompt may come from anyone who reaches the server: while a node runs, model files are read only from the models
@@ -366,4 +434,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleEditSweep": "Edit Sweep",
     "HyperStyleSaveInversion": "Save Inversion",
     "HyperStyleLoadInversion": "Load Inversion",
+    "HyperStyleTextEdit": "Text Edit (StyleCLIP)",
+    "HyperStyleTextEditSweep": "Text Edit Sweep (StyleCLIP)",
 }

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an edit, repeatable: age, smile or pose (InterFaceGAN), a registry name, or a direction "
                            "file (.pt/.npy/.safetensors); STRENGTH may be negative, e.g. --edit age=-2. "
                            "With no --edit the photos are only reconstructed")
+    edit.add_argument("--text", default=None, metavar="'NEUTRAL -> TARGET'",
+                      help="a text edit (StyleCLIP global direction), e.g. --text 'face with hair -> face with curly "
+                           "hair'; needs fs3.npy, S_mean_std and templates.txt in <models dir>/styleclip/")
+    edit.add_argument("--alpha", type=float, default=4.0, help="strength of --text (default 4; negative reverses)")
+    edit.add_argument("--beta", type=float, default=0.13,
+                      help="disentanglement of --text: channels with relevance below it stay (default 0.13)")
     edit.add_argument("--layers", default=None, metavar="START:END",
                       help="edit only style layers START..END-1 (default: all)")
     edit.add_argument("--iterations", type=int, default=5, help="HyperStyle refinement passes, 0 or more (default 5)")
@@ -83,6 +89,17 @@ def parse_edits(items: list) -> list:
             raise ValueError(f"--edit {item!r}: strength {strength!r} is not a number") from None
         edits.append((EDIT_ALIASES.get(name, name), value))
     return edits
+
+
+def parse_text_edit(text):
+    """'NEUTRAL -> TARGET' -> (neutral, target), or None."""
+    if text is None:
+        return None
+    neutral, sep, target = text.partition("->")
+    if not sep or not neutral.strip() or not target.strip():
+        raise ValueError(f"--text {text!r}: expected 'NEUTRAL -> TARGET', e.g. 'face with hair -> face with curly "
+                         f"hair'")
+    return neutral.strip(), target.strip()
 
 
 def parse_layers(text):
@@ -245,7 +262,7 @@ def offline_reason(args) -> str:
 
 def run_edit(args) -> int:
     try:
-        edits, layers = parse_edits(args.edit), parse_layers(args.layers)
+        edits, layers, text_edit = parse_edits(args.edit), parse_layers(args.layers), parse_text_edit(args.text)
         check_numbers(args)
         photos = find_photos(args.input)
         if not photos:
@@ -274,10 +291,10 @@ def run_edit(args) -> int:
               f"nothing is downloaded. Download each by hand and save it as shown, or run without offline mode to "
               f"download them automatically:\n{describe_missing(missing)}", file=sys.stderr)
         return EXIT_WEIGHTS
-    return _edit_photos(args, edits, layers, photos, missing)
+    return _edit_photos(args, edits, layers, text_edit, photos, missing)
 
 
-def _edit_photos(args, edits, layers, photos, missing) -> int:
+def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
     import warnings
 
     import numpy as np
@@ -301,6 +318,8 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
               "for fp16, or --precision bf16 to halve the memory on the CPU.", file=sys.stderr)
         precision = "fp32"
 
+    from .styleclip import StyleClipError
+
     option = f"--detector {args.detector}"
     try:
         detector = ops.load_detector(args.detector, args.device)
@@ -309,6 +328,12 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
         for item, (name, _) in zip(args.edit, edits):  # fail early on a bad direction, before any photo
             option = f"--edit {item}"
             ops.load_edit(name, model.n_styles, model.use().generator.style_dim)
+        if text_edit is not None:  # likewise for the text edit's files, CLIP and prompts
+            option = f"--text {args.text}"
+            ops.text_direction(model, *text_edit, args.beta)
+    except StyleClipError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except WeightsUnavailableError as err:  # a download failed (no network): name every file still missing
         others = [m for m in missing if f"'{m.entry.name}'" not in str(err)]
         print(f"error: {err}" + (f"\nAlso not downloaded yet:\n{describe_missing(others)}" if others else ""),
@@ -347,7 +372,10 @@ def _edit_photos(args, edits, layers, photos, missing) -> int:
             edited = latent
             for name, strength in edits:
                 edited = ops.apply_edit(edited, name, strength, *layers)
-            decoded = ops.decode(model, edited, offsets)
+            if text_edit is None:
+                decoded = ops.decode(model, edited, offsets)
+            else:
+                decoded = ops.text_edit(model, edited, *text_edit, args.alpha, args.beta, offsets)
             result, _ = alignment.paste_back_batch(image, decoded, records, feather=args.feather)
             save_png(result[0], f"{stem}_edited")
             if args.save_aligned:

@@ -192,18 +192,55 @@ class HyperStyleModel(nn.Module):
 
         def run(start, end, chunk_index, n_chunks):
             chunk = codes[start:end].to(self.device, self.dtype)
-            chunk_deltas = slice_deltas(deltas, start, end)
-            chunk_deltas = None if chunk_deltas is None else [None if d is None else d.to(self.device)
-                                                              for d in chunk_deltas]
+            chunk_deltas = self._chunk_deltas(deltas, start, end)
             graphs = self._graphs() if generator is None and noise_mode == "const" else None
             if graphs is None:
                 return to_unit_range(self.synthesize(chunk, chunk_deltas, noise_mode, generator))
-            layers = tuple(i for i, d in enumerate(chunk_deltas or []) if d is not None)
-            inputs = [chunk] + [chunk_deltas[i].expand(chunk.shape[0], *chunk_deltas[i].shape[1:]) for i in layers]
+            layers, flat = self._flat_deltas(chunk_deltas, chunk.shape[0])
             decode = functools.partial(self._graphed_decode, layers)
-            return to_unit_range(graphs.run(("decode", layers), decode, inputs))
+            return to_unit_range(graphs.run(("decode", layers), decode, [chunk] + flat))
 
         return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False), codes.device))
+
+    @torch.no_grad()
+    def stylespace(self, codes: torch.Tensor) -> list:
+        """StyleSpace S of W+ codes: every generator layer's style vector [B, in] (HyperStyle's layer numbering,
+        which is the official StyleSpace order: conv, toRGB, then per resolution upsampling conv, conv, toRGB).
+        Views of one tensor: edits make new tensors (`styleclip.edit_styles`), so nothing is copied here."""
+        return self.generator.styles(codes.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def decode_styles(self, styles, deltas: Optional[Deltas] = None, max_batch: Optional[int] = None) -> torch.Tensor:
+        """StyleSpace S (`stylespace`, possibly edited) + offsets -> [B, 3, R, R] in [0, 1]: the generator pass of
+        `decode` after its style step; unedited S gives decode's images bit for bit. Chunked like `decode`."""
+        self.generator.check_styles(styles)
+        batch = styles[0].shape[0]
+        deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")
+                                              for d in deltas]
+
+        def run(start, end, chunk_index, n_chunks):
+            chunk = [s[start:end].to(self.device, self.dtype) for s in styles]
+            chunk_deltas = self._chunk_deltas(deltas, start, end)
+            graphs = self._graphs()
+            if graphs is None:
+                return to_unit_range(self.generator.synthesis(chunk, chunk_deltas))
+            layers, flat = self._flat_deltas(chunk_deltas, end - start)
+            decode = functools.partial(self._graphed_style_decode, layers)
+            # the styles end to end: one input to copy into the graph instead of one per layer
+            return to_unit_range(graphs.run(("decode_styles", layers), decode, [torch.cat(chunk, dim=1)] + flat))
+
+        return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False),
+                                         styles[0].device))
+
+    def _chunk_deltas(self, deltas: Optional[Deltas], start: int, end: int) -> Optional[Deltas]:
+        chunk_deltas = slice_deltas(deltas, start, end)
+        return None if chunk_deltas is None else [None if d is None else d.to(self.device) for d in chunk_deltas]
+
+    @staticmethod
+    def _flat_deltas(deltas: Optional[Deltas], batch: int) -> tuple:
+        """(layers with offsets, their offsets expanded to the batch): a graph's inputs."""
+        layers = tuple(i for i, d in enumerate(deltas or []) if d is not None)
+        return layers, [deltas[i].expand(batch, *deltas[i].shape[1:]) for i in layers]
 
     def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
@@ -268,12 +305,19 @@ class HyperStyleModel(nn.Module):
                    for i, d in enumerate(deltas))
 
     def _graphed_decode(self, layers, codes, *flat):
-        deltas = None
-        if layers:
-            deltas = [None] * self.generator.n_layers
-            for layer, d in zip(layers, flat):
-                deltas[layer] = d
-        return self.synthesize(codes, deltas)
+        return self.synthesize(codes, self._unflat_deltas(layers, flat))
+
+    def _graphed_style_decode(self, layers, styles, *flat):
+        styles = list(styles.split(self.generator.style_widths(), dim=1))
+        return self.generator.synthesis(styles, self._unflat_deltas(layers, flat))
+
+    def _unflat_deltas(self, layers, flat) -> Optional[Deltas]:
+        if not layers:
+            return None
+        deltas = [None] * self.generator.n_layers
+        for layer, d in zip(layers, flat):
+            deltas[layer] = d
+        return deltas
 
     def _start(self, x):
         codes = self.encode_normalized(x)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import downloads, editing, image_checks, inversion_io, safe_paths
+from . import downloads, editing, image_checks, inversion_io, safe_paths, styleclip
 from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
 from .model import HyperStyleModel, load_generator, load_hyperstyle
@@ -340,6 +340,62 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
             deltas = [None if d is None else d.expand(latent.batch, *d.shape[1:]) for d in deltas]
         swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id, offsets.signature)
     return Latent(edited, latent.model_id, latent.signature), swept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text edits (StyleCLIP global directions)
+
+
+def _text_encoder(clip_model: str, device) -> "styleclip.TextEncoder":
+    """CLIP's text tower from the shared manager (unloadable like the other models); it remembers each prompt
+    pair's features."""
+    folder = styleclip.clip_folder(clip_model)
+    weights = next((folder / f for f in styleclip.CLIP_WEIGHTS if (folder / f).is_file()), folder / "config.json")
+    key = ("styleclip_text", file_identity(weights))
+    return get_manager().load(key, lambda: styleclip.load_text_encoder(str(folder)), device=device,
+                              dtype=torch.float32).use()
+
+
+def _global_directions(hs: HyperStyleModel, files_dir) -> "styleclip.GlobalDirections":
+    fs3 = styleclip.find_file(styleclip.FS3_FILE, files_dir)
+    stats = styleclip.find_file(styleclip.S_STATS_FILE, files_dir)
+    key = ("styleclip_directions", file_identity(fs3), file_identity(stats), tuple(hs.generator.style_widths()))
+    return get_manager().load(key, lambda: styleclip.load_global_directions(hs.generator, files_dir),
+                              device=hs.device, dtype=torch.float32).use()
+
+
+def text_direction(model: LoadedModel, neutral_text: str, target_text: str, beta: float,
+                   clip_model: str = styleclip.CLIP_REPO, files_dir=None) -> list:
+    """ΔS (one tensor per generator layer) of a StyleCLIP global direction; CLIP's features cached per prompts."""
+    hs = model.use()
+    templates = styleclip.read_templates(styleclip.find_file(styleclip.TEMPLATES_FILE, files_dir))
+    directions = _global_directions(hs, files_dir)
+    delta_i = _text_encoder(clip_model, hs.device).delta_i(neutral_text, target_text, templates)
+    return directions.delta_s(delta_i, beta)
+
+
+def text_edit(model: LoadedModel, latent: Latent, neutral_text: str, target_text: str, alphas, beta: float,
+              offsets: Optional[Offsets] = None, output_size: str = "native", clip_model: str = styleclip.CLIP_REPO,
+              files_dir=None) -> torch.Tensor:
+    """StyleCLIP global direction for `neutral_text` -> `target_text`, applied in StyleSpace at every strength in
+    `alphas` (a number or a list), offsets kept -> IMAGE [len(alphas) * B, ...] (strength-major, as Edit Sweep)."""
+    alphas = [float(alphas)] if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
+    hs = model.use()
+    _check_latent(model, latent)
+    batch = _broadcast_batches(latent=latent.batch, offsets=None if offsets is None else offsets.batch)
+    delta_s = text_direction(model, neutral_text, target_text, beta, clip_model, files_dir)
+    styles = hs.stylespace(_on_model(hs, latent.codes).expand(batch, -1, -1))
+    edited = styleclip.edit_styles(styles, delta_s, alphas)
+    deltas = None
+    if offsets is not None:
+        _check_offsets(model, hs, offsets)
+        # strength-major like the styles; one set of offsets broadcasts as it is
+        deltas = [None if d is None else _on_model(hs, d) if d.shape[0] == 1 else
+                  _on_model(hs, d).repeat(len(alphas), *([1] * (d.ndim - 1))) for d in offsets.deltas]
+    images = hs.decode_styles(edited, deltas)
+    if output_size != "native":
+        images = resize_square(images, int(output_size))
+    return bchw_to_image(images)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR t
 WORKFLOWS = REPO_ROOT / "example_workflows"
 NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode", "HyperStyleAlignFace",
             "HyperStylePasteBack", "HyperStyleApplyEdit", "HyperStyleEditSweep", "HyperStyleLoadGenerator",
-            "HyperStyleSaveInversion", "HyperStyleLoadInversion"]
+            "HyperStyleSaveInversion", "HyperStyleLoadInversion", "HyperStyleTextEdit", "HyperStyleTextEditSweep"]
 TINY = {"hyperstyle_ffhq": "tiny_hyperstyle.pt", "faces_w_encoder": "tiny_w_encoder.pt",
         "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt",
         "retinaface_resnet50": "retinaface_mobilenet0.25.pth",
@@ -54,11 +54,24 @@ def server(tmp_path_factory, tiny_ckpts):
     torch.save(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), models / "directions" / "tiny_age.pt")
     # full-width channels: a model big enough (~150 MiB) that freeing it shows in the server's memory
     write_tiny_checkpoints(models / "wide", size=128, narrow=1.0)
+    _add_text_edit_files(models, tiny_ckpts["generator"])
     if ASSETS.is_dir():  # the full edit workflow needs a real photo and real detector weights
         shutil.copy(ASSETS / "models/retinaface/retinaface_mobilenet0.25.pth", models)
         shutil.copy(ASSETS / "testdata/faces/portrait_b.jpg", base / "input" / "photo.png")
     with srv:
         yield srv
+
+
+def _add_text_edit_files(models, generator_file):
+    """A tiny CLIP under the default CLIP's folder name and synthetic StyleCLIP files for the tiny generator."""
+    try:
+        from hyperstyle_nodes.model import load_generator
+        from hyperstyle_nodes.tiny import write_tiny_clip, write_tiny_styleclip_files
+
+        write_tiny_clip(models / "clip-vit-base-patch32")
+    except ImportError:  # no transformers: the text edit test skips
+        return
+    write_tiny_styleclip_files(models / "styleclip", load_generator(generator_file))
 
 
 def disk_loads(server) -> int:
@@ -120,6 +133,23 @@ def encode_decode_only(size="native", checkpoint=None, encoder=None):
     if checkpoint:
         prompt["2"]["inputs"].update(checkpoint=checkpoint, initial_encoder=encoder)
     return prompt
+
+
+def test_text_edit_workflow(server, assets_dir):
+    """load image -> align -> encode -> refine -> Text Edit (StyleCLIP) -> paste back -> save; then bad prompts."""
+    pytest.importorskip("transformers")
+    entry = server.run_prompt(load_workflow("text_edit_photo_api.json"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["8"]["images"][0]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    assert path.is_file() and Image.open(path).size == Image.open(server.base / "input" / "photo.png").size
+    for inputs, message in (({"neutral_text": ""}, "the neutral text is empty"),
+                            ({"target_text": "curly " * 20}, "too long for CLIP"),
+                            ({"beta": 0.3, "target_text": "x"}, "no channel passes β=0.3")):
+        prompt = load_workflow("text_edit_photo_api.json")
+        prompt["6"]["inputs"].update(inputs)
+        error = error_of(server.run_prompt(prompt))
+        assert message in error["exception_message"], error["exception_message"]
 
 
 def test_model_stays_resident_between_prompts(server):
