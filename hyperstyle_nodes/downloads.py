@@ -4,8 +4,14 @@
 
 1. an existing path is used as it is;
 2. a file name found in the models folder(s) is used as it is;
-3. a name from the registry (weights/registry.json) gives the copy in the models folder(s) if its size and hash
-   check out, else a fresh download from the Hub (checked the same way).
+3. a name from the registry (weights/registry.json) gives the copy in the models folder(s) if its size and full
+   sha256 check out, else a fresh download from the Hub (checked the same way).
+
+Registry files are checked by size and full sha256: the registry's where it has one, else the sha256 the Hub keeps
+for the file (its LFS hash), fetched before the download and remembered beside the files for later offline checks.
+A download goes to a folder of its own inside the models folder, under a cross-process lock, and replaces nothing:
+it is moved into place only once checked, and only where no file is. A file the pack did not write is never
+deleted or overwritten; one that fails its check is named in an error that says what to do.
 
 The models folder is `<ComfyUI>/models/hyperstyle` (folder type "hyperstyle") inside ComfyUI, else
 `$HYPERSTYLE_MODELS_DIR`, else a per-user cache folder.
@@ -17,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import threading
 from collections.abc import Mapping
@@ -27,7 +35,7 @@ log = logging.getLogger("hyperstyle_nodes")
 
 FOLDER_TYPE = "hyperstyle"
 MODEL_EXTENSIONS = frozenset({".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".pkl"})
-KINDS = ("hyperstyle", "w_encoder", "e4e", "generator", "face_detector", "direction", "ganspace")
+KINDS = ("hyperstyle", "w_encoder", "e4e", "generator", "face_detector", "direction", "ganspace", "landmarks")
 REPO_TYPES = ("model", "space")
 REGISTRY_FIELDS = ("repo_id", "filename", "repo_type", "size", "sha256", "kind", "licence", "description")
 # weights/registry.json in a checkout (ComfyUI custom_nodes, editable installs); a wheel ships the same file as
@@ -37,7 +45,14 @@ _PACKAGED_REGISTRY = Path(__file__).resolve().parent / "registry" / "registry.js
 DEFAULT_REGISTRY_PATH = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else _PACKAGED_REGISTRY
 # Remembers which files were already hashed, so multi-GB checkpoints are hashed once, not on every run.
 VERIFIED_SIDECAR = ".hyperstyle_verified.json"
+# In each download folder: lock files and downloads in progress (hidden, so never listed as models).
+DOWNLOAD_STATE_FOLDER = ".hyperstyle_downloads"
 MAX_DOWNLOADS_PER_FILE = 2  # a bad download is fetched again once, then we give up with an error
+# Connecting to the Hub before a download: without a network (or where packets are dropped) the error comes within
+# this. HF_HUB_ETAG_TIMEOUT, when set (e.g. for a slow satellite link), replaces it.
+HUB_CONNECT_TIMEOUT_S = 1.2
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 
 
 class WeightsError(RuntimeError):
@@ -64,6 +79,10 @@ class DownloadError(WeightsError):
     """The Hub refused the download, or the downloaded file failed its checks."""
 
 
+class UnusableFileError(WeightsError):
+    """A file is in the models folder under a registry file's name but is not that file (it is left untouched)."""
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     name: str
@@ -80,6 +99,16 @@ class RegistryEntry:
     def local_name(self) -> str:
         """Name of the file in the models folder: the last part of its path in the repo."""
         return PurePosixPath(self.filename).name
+
+    @property
+    def full_sha256(self) -> str | None:
+        """The registry's sha256 if it is a full digest (not the 'prefix…suffix' form)."""
+        return self.sha256 if self.sha256 is not None and _SHA256_HEX.fullmatch(self.sha256) else None
+
+    @property
+    def hub_key(self) -> str:
+        """Names the file on the Hub, for remembering the Hub's sha256 of it."""
+        return f"{self.repo_type}:{self.repo_id}:{self.filename}"
 
     @property
     def url(self) -> str:
@@ -212,26 +241,60 @@ def sha256_of_file(path: Path) -> str:
     return sha.hexdigest()
 
 
-class _VerifiedDigests:
-    """Digests of files already hashed, valid while a file keeps its size and mtime.
+def git_blob_sha1_of_file(path: Path) -> str:
+    """The file's git object id: the hash the Hub gives for files kept in git itself rather than in LFS."""
+    sha = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 * 1024 * 1024), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
 
-    Kept in memory and in a small sidecar JSON next to the files, so a multi-GB checkpoint is hashed once per
-    download, not once per run or per process.
+
+@contextlib.contextmanager
+def _file_lock(path: Path, waiting_message: str | None = None):
+    """A lock shared by every process and thread on this machine (the filelock package, as huggingface_hub uses).
+    `waiting_message` is logged when another holder makes us wait."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting_message:
+            log.info("HyperStyle: %s", waiting_message)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class _VerifiedDigests:
+    """What was already hashed or learnt from the Hub, remembered beside the files.
+
+    - the sha256 of each file, valid while the file keeps its size and mtime, so a multi-GB checkpoint is hashed
+      once per download, not once per run or per process;
+    - the Hub's sha256 of registry files the registry has no full hash for, so later checks, offline too, are
+      full-hash checks.
+
+    Kept in memory and in a small sidecar JSON in each models folder, written under a cross-process lock.
     """
 
     def __init__(self):
         self._memory: dict[str, tuple[int, int, str]] = {}
+        self._hub_memory: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
     def clear_memory(self) -> None:
         with self._lock:
             self._memory.clear()
+            self._hub_memory.clear()
 
     def lookup(self, path: Path, stat: os.stat_result) -> str | None:
         with self._lock:
             remembered = self._memory.get(str(path))
         if remembered is None:
-            record = self._read_sidecar(path.parent).get(path.name)
+            record = self._read_sidecar(path.parent)["files"].get(path.name)
             if isinstance(record, dict):
                 remembered = (record.get("size"), record.get("mtime_ns"), record.get("sha256"))
         if remembered and remembered[:2] == (stat.st_size, stat.st_mtime_ns) and isinstance(remembered[2], str):
@@ -241,26 +304,47 @@ class _VerifiedDigests:
     def remember(self, path: Path, stat: os.stat_result, digest: str) -> None:
         with self._lock:
             self._memory[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
-            sidecar = self._read_sidecar(path.parent)
-            sidecar[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-            self._write_sidecar(path.parent, sidecar)
+        record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        self._update_sidecar(path.parent, lambda sidecar: sidecar["files"].__setitem__(path.name, record))
+
+    def hub_sha256(self, folder: Path, entry: RegistryEntry) -> str | None:
+        """The Hub's sha256 of the entry's file, as learnt earlier for the copy in `folder`."""
+        with self._lock:
+            digest = self._hub_memory.get((str(folder), entry.hub_key))
+        if digest is None:
+            digest = self._read_sidecar(folder)["hub_sha256"].get(entry.hub_key)
+        return digest if isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) else None
+
+    def remember_hub_sha256(self, folder: Path, entry: RegistryEntry, digest: str) -> None:
+        with self._lock:
+            self._hub_memory[(str(folder), entry.hub_key)] = digest
+        self._update_sidecar(folder, lambda sidecar: sidecar["hub_sha256"].__setitem__(entry.hub_key, digest))
 
     @staticmethod
     def _read_sidecar(folder: Path) -> dict:
         try:
             data = json.loads((folder / VERIFIED_SIDECAR).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        files = data.get("files")
+        if not isinstance(files, dict):  # the first format: {file name: record} at the top level
+            files = {name: record for name, record in data.items() if isinstance(record, dict)}
+        hub = data.get("hub_sha256")
+        return {"files": files, "hub_sha256": hub if isinstance(hub, dict) else {}}
 
-    @staticmethod
-    def _write_sidecar(folder: Path, data: dict) -> None:
+    def _update_sidecar(self, folder: Path, change) -> None:
         target = folder / VERIFIED_SIDECAR
-        temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        temporary = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            temporary.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(temporary, target)
-        except OSError as exc:  # a read-only folder only costs a re-hash in the next process
+            lock_folder = folder / DOWNLOAD_STATE_FOLDER
+            lock_folder.mkdir(exist_ok=True)
+            with _file_lock(lock_folder / "verified.lock"):  # read-change-write, so no process loses another's
+                sidecar = self._read_sidecar(folder)
+                change(sidecar)
+                temporary.write_text(json.dumps(sidecar, indent=1, sort_keys=True), encoding="utf-8")
+                os.replace(temporary, target)
+        except OSError as exc:  # a read-only folder only costs a re-hash (or a Hub query) in the next process
             log.debug("HyperStyle: cannot write %s: %s", target, exc)
             with contextlib.suppress(OSError):
                 temporary.unlink()
@@ -269,23 +353,66 @@ class _VerifiedDigests:
 _verified_digests = _VerifiedDigests()
 
 
-def check_file(path: Path, entry: RegistryEntry) -> str | None:
-    """None if `path` matches the entry's size and hash (where known), else what is wrong with it."""
-    stat = path.stat()
-    if entry.size is not None and stat.st_size != entry.size:
-        return f"it has {stat.st_size:,} bytes instead of {entry.size:,} (truncated or incomplete download)"
-    if stat.st_size == 0:
-        return "it is empty"
-    if entry.sha256 is None:
-        return None
+@dataclass(frozen=True)
+class _Reference:
+    """What a registry file must be, beyond the registry's own size and (partial) hash."""
+    sha256: str | None  # full sha256: the registry's, or the Hub's (fetched now or remembered)
+    source: str  # where the sha256 comes from, for messages
+    git_sha1: str | None = None  # the Hub's git object id, for a file kept in git rather than LFS (no sha256 then)
+    size: int | None = None  # the Hub's size, for entries whose registry size is unknown
+
+
+def _known_reference(entry: RegistryEntry, folder: Path) -> _Reference | None:
+    """The full sha256 known without asking the Hub: the registry's, else the Hub's remembered for `folder`."""
+    if entry.full_sha256 is not None:
+        return _Reference(entry.full_sha256, "the registry's")
+    remembered = _verified_digests.hub_sha256(folder, entry)
+    return _Reference(remembered, "the Hub's (remembered from an earlier check)") if remembered else None
+
+
+def _sha256_remembered(path: Path, stat: os.stat_result) -> str:
     digest = _verified_digests.lookup(path, stat)
     if digest is None:
         log.info("HyperStyle: checking the sha256 of %s", path)
         digest = sha256_of_file(path)
         _verified_digests.remember(path, stat, digest)
-    if not digest_matches(digest, entry.sha256):
-        return f"its sha256 {digest} does not match the expected {entry.sha256} (corrupt or a different file)"
+    return digest
+
+
+def _problem(path: Path, entry: RegistryEntry, reference: _Reference | None, sha256: str | None = None) -> str | None:
+    """What is wrong with `path` as the entry's file, or None: size, emptiness, the registry's hash (full or
+    'prefix…suffix') and the reference's full hash. `sha256` is the file's, when already computed."""
+    stat = path.stat()
+    size = entry.size if entry.size is not None else reference.size if reference is not None else None
+    if size is not None and stat.st_size != size:
+        return f"it has {stat.st_size:,} bytes instead of {size:,} (truncated, or a different file)"
+    if stat.st_size == 0:
+        return "it is empty"
+    if entry.sha256 is None and reference is None:
+        return None
+    digest = sha256 or _sha256_remembered(path, stat)
+    if entry.sha256 is not None and not digest_matches(digest, entry.sha256):
+        return f"its sha256 {digest} does not match the registry's {entry.sha256} (corrupt, or a different file)"
+    if reference is not None and reference.sha256 is not None and digest != reference.sha256:
+        return (f"its sha256 {digest} differs from {reference.source} {reference.sha256} "
+                "(corrupt, or a different file)")
+    if reference is not None and reference.git_sha1 is not None:
+        blob = git_blob_sha1_of_file(path)
+        if blob != reference.git_sha1:
+            return (f"its git object id {blob} differs from {reference.source} {reference.git_sha1} "
+                    "(corrupt, or a different file)")
     return None
+
+
+def check_file(path: Path, entry: RegistryEntry) -> str | None:
+    """None if `path` is the entry's file by size and full sha256, else what is wrong with it (or that no full
+    sha256 is known yet: the registry has none and the Hub's was never fetched for this folder). No network."""
+    reference = _known_reference(entry, path.parent)
+    problem = _problem(path, entry, reference)
+    if problem is None and reference is None:
+        return ("no full sha256 is known for it yet (the registry has none; the Hub's is fetched when it can be "
+                "reached)")
+    return problem
 
 
 # ---------------------------------------------------------------- models folders
@@ -412,42 +539,77 @@ def resolve(name_or_path: str | os.PathLike, kind: str | None = None, progress: 
 
 
 def _fetch_checked(entry: RegistryEntry, folders: list[Path], progress: bool) -> Path:
-    """The entry's file from the models folder(s) if it checks out, else downloaded (and checked)."""
-    situation = "is not downloaded yet"
-    for folder in folders:
-        candidate = folder / entry.local_name
-        if candidate.is_file():
-            problem = check_file(candidate, entry)
-            if problem is None:
-                return candidate
-            situation = f"has an unusable copy at {candidate} ({problem})"
-            log.warning("HyperStyle: %s is unusable: %s", candidate, problem)
+    """The entry's file from the models folder(s) if it checks out, else downloaded (and checked).
 
-    target_folder = folders[0]
-    offline = _offline_reason()
-    if offline:  # checked before anything is deleted
-        raise WeightsUnavailableError(f"'{entry.name}' {situation} and cannot be downloaded: {offline}. "
-                                      + _manual_download_hint(entry, target_folder) + ".")
-    target = target_folder / entry.local_name
-    problem = None
-    for _ in range(MAX_DOWNLOADS_PER_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()  # a truncated or corrupt copy; downloading over it could resume a bad file
-        _download(entry, target_folder, target, progress, situation)
-        problem = check_file(target, entry)
-        if problem is None:
-            return target
-        log.warning("HyperStyle: the download of %s is unusable: %s", entry.local_name, problem)
-    with contextlib.suppress(FileNotFoundError):
-        target.unlink()
-    raise DownloadError(
-        f"'{entry.name}' failed its check after {MAX_DOWNLOADS_PER_FILE} downloads: {problem}. "
-        + _manual_download_hint(entry, target_folder) + ".")
+    A copy that fails its check is never deleted or replaced: the error names it and says what to do.
+    """
+    unusable: list[tuple[Path, str]] = []
+    unchecked: list[Path] = []  # right size (and partial hash), but no full sha256 known yet
+    for folder in folders:
+        copy = folder / entry.local_name
+        if not copy.is_file():
+            continue
+        reference = _known_reference(entry, folder)
+        problem = _problem(copy, entry, reference)
+        if problem is not None:
+            unusable.append((copy, problem))
+        elif reference is not None:
+            return copy
+        else:
+            unchecked.append(copy)
+    if unchecked:
+        try:
+            hub = _hub_file(entry, folders[0])
+        except _HubUnreachable as exc:
+            raise WeightsUnavailableError(
+                f"'{entry.name}' has a copy at {unchecked[0]} of the right size, but its full sha256 cannot be "
+                f"checked: the registry has none, and the Hub's cannot be fetched now ({exc}). Connect to the "
+                "Internet once (only the hash is fetched, not the file), or, to use the file unchecked, rename it "
+                f"(e.g. to '{_own_name_example(entry)}') and select that name.") from None
+        for copy in unchecked:
+            problem = _problem(copy, entry, hub.reference)
+            if problem is None:
+                _remember_hub_sha256(copy, entry, hub.reference)
+                return copy
+            unusable.append((copy, problem))
+    if unusable:
+        raise _unusable_error(entry, unusable)
+    return _download_checked(entry, folders[0], progress)
+
+
+def _own_name_example(entry: RegistryEntry) -> str:
+    return f"my_{entry.local_name}"
+
+
+def _use_the_hubs_file_anyway(entry: RegistryEntry) -> str:
+    return (f"To use the Hub's file anyway, download {entry.url} by hand, save it under another name (e.g. "
+            f"'{_own_name_example(entry)}') and select that name")
+
+
+def _unusable_error(entry: RegistryEntry, unusable: list[tuple[Path, str]]) -> UnusableFileError:
+    copies = "; ".join(f"{path}: {problem}" for path, problem in unusable)
+    kept = "The file was" if len(unusable) == 1 else "The files were"
+    return UnusableFileError(
+        f"'{entry.name}' cannot use the file under its name ({copies}). {kept} left untouched. If it is a damaged "
+        "copy, delete or move it and run again to download the checked file; if it is a model of your own, rename "
+        f"it (e.g. to '{_own_name_example(entry)}') and select that name.")
+
+
+def _remember_hub_sha256(path: Path, entry: RegistryEntry, reference: _Reference) -> None:
+    """After `path` passed the Hub's check, keep its full sha256 so later checks (offline too) are full checks."""
+    if entry.full_sha256 is None:
+        digest = reference.sha256 or _sha256_remembered(path, path.stat())  # git-kept files: the checked bytes'
+        _verified_digests.remember_hub_sha256(path.parent, entry, digest)
 
 
 def _manual_download_hint(entry: RegistryEntry, folder: Path) -> str:
-    return (f"To install it by hand, download {entry.url} (file '{entry.filename}' of the Hugging Face "
+    hint = (f"To install it by hand, download {entry.url} (file '{entry.filename}' of the Hugging Face "
             f"{entry.repo_type} repo '{entry.repo_id}') and save it as {folder / entry.local_name}")
+    if entry.full_sha256 is None:
+        hint += (" (its full sha256 is then checked against the Hub's once the Hub can be reached; to use it "
+                 f"offline right away, save it under another name, e.g. '{_own_name_example(entry)}', and select "
+                 "that name)")
+    return hint
 
 
 def _offline_reason() -> str | None:
@@ -458,6 +620,124 @@ def _offline_reason() -> str | None:
     if getattr(constants, "HF_HUB_OFFLINE", False):
         return "Hugging Face Hub offline mode is on"
     return None
+
+
+class _HubUnreachable(Exception):
+    """Offline mode, or no answer from the Hub; the text says which."""
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    commit: str | None  # the revision the hash belongs to; the download asks for exactly that one
+    reference: _Reference
+
+
+def _hub_file(entry: RegistryEntry, folder: Path) -> _HubFile:
+    """The Hub's size and full hash of the entry's file (one HEAD request, no retries: offline fails at once).
+
+    Refuses a file the Hub gives no hash for, and one that is not the file the registry describes.
+    """
+    offline = _offline_reason()
+    if offline:
+        raise _HubUnreachable(offline)
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    url = hf_hub_url(entry.repo_id, entry.filename, repo_type=entry.repo_type)
+    try:
+        # get_hf_file_metadata does not retry (huggingface_hub's own downloads retry for ~25 s when offline)
+        metadata = get_hf_file_metadata(url, timeout=_hub_probe_timeout())
+    except _network_error_types() as exc:
+        raise _HubUnreachable(f"the Hub could not be reached: {exc.__class__.__name__}: {exc}") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # 404/401/5xx
+        raise DownloadError(f"the Hub refused '{entry.name}' ({exc.__class__.__name__}: {exc}). "
+                            + _manual_download_hint(entry, folder) + ".") from exc
+    etag = (metadata.etag or "").lower()
+    # The Hub's ETag of a file is its sha256 when the file is in LFS (or Xet), its git object id when in git.
+    sha256 = etag if _SHA256_HEX.fullmatch(etag) else None
+    git_sha1 = etag if sha256 is None and _GIT_SHA1_HEX.fullmatch(etag) else None
+    where = f"the Hub's '{entry.filename}' in the {entry.repo_type} repo '{entry.repo_id}'"
+    if sha256 is None and git_sha1 is None:
+        etag_text = f"ETag {metadata.etag!r}" if metadata.etag else "no ETag"
+        raise DownloadError(f"{where} comes without a hash ({etag_text}), so it cannot be checked; '{entry.name}' "
+                            f"was not downloaded. {_use_the_hubs_file_anyway(entry)}.")
+    if entry.size is not None and metadata.size is not None and metadata.size != entry.size:
+        mismatch = f"it has {metadata.size:,} bytes, the registry says {entry.size:,}"
+    elif sha256 is not None and entry.sha256 is not None and not digest_matches(sha256, entry.sha256):
+        mismatch = f"its sha256 is {sha256}, the registry says {entry.sha256}"
+    else:
+        mismatch = None
+    if mismatch:
+        raise DownloadError(f"{where} is not the file the registry describes ({mismatch}); the repo may have "
+                            f"changed. '{entry.name}' was not downloaded. Update hyperstyle-nodes. "
+                            f"{_use_the_hubs_file_anyway(entry)}.")
+    if entry.full_sha256 is not None:
+        reference = _Reference(entry.full_sha256, "the registry's", git_sha1=git_sha1, size=metadata.size)
+    else:
+        reference = _Reference(sha256, "the Hub's", git_sha1=git_sha1, size=metadata.size)
+    return _HubFile(metadata.commit_hash, reference)
+
+
+def _hub_probe_timeout():
+    """HUB_CONNECT_TIMEOUT_S to connect, huggingface_hub's HF_HUB_ETAG_TIMEOUT for the answer, in the form of the
+    HTTP client this huggingface_hub uses (httpx2/httpx Timeout, requests' (connect, read)); else one number."""
+    from huggingface_hub import constants
+
+    answer = float(constants.HF_HUB_ETAG_TIMEOUT)
+    connect = answer if os.environ.get("HF_HUB_ETAG_TIMEOUT") else min(HUB_CONNECT_TIMEOUT_S, answer)
+    hub_http = sys.modules.get("huggingface_hub.utils._http")
+    for client_name in ("httpx2", "httpx"):
+        timeout_class = getattr(getattr(hub_http, client_name, None), "Timeout", None)
+        if isinstance(timeout_class, type):
+            return timeout_class(answer, connect=connect)
+    if hub_http is not None and getattr(hub_http, "requests", None) is not None:
+        return (connect, answer)
+    return answer
+
+
+def _download_checked(entry: RegistryEntry, folder: Path, progress: bool) -> Path:
+    """Download into a folder of the pack's own, check, and move into place where no file is.
+
+    One process at a time per file: the others wait for the lock, then find the checked file.
+    """
+    try:
+        hub = _hub_file(entry, folder)
+    except _HubUnreachable as exc:
+        raise WeightsUnavailableError(f"'{entry.name}' is not downloaded yet and cannot be downloaded: {exc}. "
+                                      + _manual_download_hint(entry, folder) + ".") from None
+    target = folder / entry.local_name
+    state = folder / DOWNLOAD_STATE_FOLDER
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot download '{entry.name}' into {folder} ({exc}). Make that folder writable, or "
+                            "use another models folder (extra_model_paths.yaml in ComfyUI, HYPERSTYLE_MODELS_DIR "
+                            "outside it).") from exc
+    waiting = f"another process is downloading {entry.local_name} into {folder}; waiting for it"
+    with _file_lock(state / f"{entry.local_name}.lock", waiting):
+        if target.is_file():  # finished by another process while we waited, or put there meanwhile
+            problem = _problem(target, entry, hub.reference)
+            if problem is not None:
+                raise _unusable_error(entry, [(target, problem)])
+            _remember_hub_sha256(target, entry, hub.reference)
+            return target
+        staging = state / f"{entry.local_name}.partial"  # the pack's own; a broken transfer resumes from it
+        problem = None
+        for attempt in range(MAX_DOWNLOADS_PER_FILE):
+            fetched = _download(entry, folder, staging, hub.commit, progress, force=attempt > 0)
+            digest = sha256_of_file(fetched)
+            problem = _problem(fetched, entry, hub.reference, sha256=digest)
+            if problem is None:
+                os.replace(fetched, target)  # same folder tree, so atomic: the name never shows a partial file
+                _verified_digests.remember(target, target.stat(), digest)
+                _remember_hub_sha256(target, entry, hub.reference)
+                shutil.rmtree(staging, ignore_errors=True)
+                return target
+            log.warning("HyperStyle: the download of %s is unusable: %s", entry.local_name, problem)
+            shutil.rmtree(staging, ignore_errors=True)  # the pack's own bad download: fetch it afresh
+    raise DownloadError(
+        f"'{entry.name}' failed its check after {MAX_DOWNLOADS_PER_FILE} downloads: {problem}. "
+        + _manual_download_hint(entry, folder) + ".")
 
 
 def _network_error_types() -> tuple[type[BaseException], ...]:
@@ -489,36 +769,22 @@ def _hub_progress_bars(enabled: bool):
             enable_progress_bars()
 
 
-def _download(entry: RegistryEntry, folder: Path, target: Path, progress: bool, situation: str) -> None:
+def _download(entry: RegistryEntry, folder: Path, staging: Path, revision: str | None, progress: bool,
+              force: bool) -> Path:
+    """huggingface_hub's download of the entry's file into `staging` (mirroring the repo's sub-folders)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import HfHubHTTPError
 
-    folder.mkdir(parents=True, exist_ok=True)
     log.info("HyperStyle: downloading %s from %s (%s repo %s) into %s",
              entry.local_name, entry.url, entry.repo_type, entry.repo_id, folder)
     try:
         with _hub_progress_bars(progress):
-            fetched = Path(hf_hub_download(repo_id=entry.repo_id, filename=entry.filename,
-                                           repo_type=entry.repo_type, local_dir=folder))
+            return Path(hf_hub_download(repo_id=entry.repo_id, filename=entry.filename, repo_type=entry.repo_type,
+                                        revision=revision, local_dir=staging, force_download=force))
     except _network_error_types() as exc:
-        raise WeightsUnavailableError(f"'{entry.name}' {situation} and the Hub could not be reached "
-                                      f"({exc.__class__.__name__}: {exc}). "
+        raise WeightsUnavailableError(f"downloading '{entry.name}' was cut off: the Hub could not be reached "
+                                      f"({exc.__class__.__name__}: {exc}). Run again to resume it. "
                                       + _manual_download_hint(entry, folder) + ".") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:  # 404/401/5xx, size mismatch mid-transfer, disk full
         raise DownloadError(f"downloading '{entry.name}' failed ({exc.__class__.__name__}: {exc}). "
                             + _manual_download_hint(entry, folder) + ".") from exc
-    if fetched.resolve() != target.resolve():
-        # hf_hub_download mirrors the repo's sub-folders; keep one flat folder so manual installs match.
-        os.replace(fetched, target)
-        _remove_empty_folders(fetched.parent, stop_at=folder)
-
-
-def _remove_empty_folders(folder: Path, stop_at: Path) -> None:
-    stop_at = stop_at.resolve()
-    folder = folder.resolve()
-    while folder != stop_at and stop_at in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent

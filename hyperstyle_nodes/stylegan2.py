@@ -883,6 +883,13 @@ class Generator(nn.Module):
         if n_codes != self.n_styles or dim != self.style_dim:
             raise ValueError(f"this {self.size}-px generator takes codes of shape [B, {self.n_styles}, "
                              f"{self.style_dim}], got {list(codes.shape)}")
+        return self.synthesis(self.styles(codes.to(self.input.input.dtype)), deltas, noise_mode)
+
+    def synthesis(self, styles: Sequence[torch.Tensor], deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                  noise_mode: str = "const") -> torch.Tensor:
+        """StyleSpace S (every layer's modulation [B, in], `styles`, possibly edited) -> image, as `forward`."""
+        self.check_styles(styles)
+        batch = styles[0].shape[0]
         if deltas is None:
             deltas = [None] * self.n_layers
         elif len(deltas) != self.n_layers:
@@ -892,11 +899,7 @@ class Generator(nn.Module):
             if d is not None and d.shape[0] not in (1, batch):
                 raise ValueError(f"weight offsets for layer {layer} have batch {d.shape[0]} but the codes have batch "
                                  f"{batch}; pass offsets with batch {batch} or 1")
-        noises = self._noises(batch, noise_mode, codes)
-        dtype = self.input.input.dtype
-        codes = codes.to(dtype)
-
-        styles = self.styles(codes)
+        noises = self._noises(batch, noise_mode, styles[0])
         out = self.conv1(pack(self.input(batch)), styles[0], noises[0], deltas[0])
         skip = self.to_rgb1(out, styles[1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
@@ -922,6 +925,20 @@ class Generator(nn.Module):
             styles.append(every[:, style_index(layer), start:start + width])
             start += width
         return styles
+
+    def style_widths(self) -> list:
+        """The width of every layer's style vector (its input channels), in HyperStyle's layer numbering."""
+        return [conv.in_channel for conv in self.layer_convs()]
+
+    def check_styles(self, styles: Sequence[torch.Tensor]) -> None:
+        widths = self.style_widths()
+        if len(styles) != len(widths):
+            raise ValueError(f"this {self.size}-px generator takes {len(widths)} style vectors (one per layer), "
+                             f"got {len(styles)}")
+        batch = styles[0].shape[0]
+        for layer, (s, width) in enumerate(zip(styles, widths)):
+            if s.ndim != 2 or s.shape != (batch, width):
+                raise ValueError(f"style vector {layer} should have shape [{batch}, {width}], got {list(s.shape)}")
 
     def _noises(self, batch: int, mode: str, like: torch.Tensor) -> list:
         stored = [getattr(self.noises, f"noise_{i}") for i in range(self.config.n_noises)]
