@@ -6,11 +6,11 @@ from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
     from .hyperstyle_nodes import alignment as face_alignment
-    from .hyperstyle_nodes import downloads, ops
+    from .hyperstyle_nodes import downloads, ops, safe_paths, warmup
     from .hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 except ImportError:  # imported as a top-level module (tests, scripts)
     from hyperstyle_nodes import alignment as face_alignment
-    from hyperstyle_nodes import downloads, ops
+    from hyperstyle_nodes import downloads, ops, safe_paths, warmup
     from hyperstyle_nodes.manager import DEVICE_CHOICES, DTYPE_CHOICES
 
 CATEGORY = "HyperStyle"
@@ -48,6 +48,21 @@ def _preview(images):
         size = 512
     pixels = (images[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
     return ("JPEG", Image.fromarray(pixels), size)
+def _comfy_notice(message: str) -> None:
+    """A first-call notice (kernels compiling for a new batch size or precision): on the console, and under the running
+    node in ComfyUI's UI, where the progress bar would otherwise sit still."""
+    print(message, flush=True)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # outside ComfyUI, or one without node texts: the console line is all
+        return
+    context = get_executing_context()
+    if context is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text(message, context.node_id)
+
+
+warmup.set_default_listener(_comfy_notice)
 
 
 def _models(*kinds: str) -> list:
@@ -221,8 +236,9 @@ class HyperStyleLoadGenerator:
 
 
 class HyperStyleAlignFace:
-    DESCRIPTION = ("Finds faces (RetinaFace) and aligns them the way FFHQ was made (eyes and mouth placed by the FFHQ "
-                   "recipe), which HyperStyle needs. Outputs the aligned faces and how to paste them back.")
+    DESCRIPTION = ("Finds faces (RetinaFace, any orientation) and aligns them the way FFHQ was made (eyes and mouth "
+                   "placed by the FFHQ recipe, with dlib's landmarks when installed), which HyperStyle needs. Outputs "
+                   "the aligned faces and how to paste them back.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -236,11 +252,16 @@ class HyperStyleAlignFace:
                                                  "all: every face (a group photo becomes a batch)."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "With selection=index: 0 is the "
                                                                                  "largest face."}),
-            "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
+            "threshold": ("FLOAT", {"default": 0.9, "min": 0.05, "max": face_alignment.MAX_THRESHOLD, "step": 0.01,
                                     "tooltip": "Detection confidence; lower it if a face is missed."}),
             "on_no_face": (list(face_alignment.NO_FACE_ACTIONS), {
                 "default": "error", "tooltip": "error: stop with a message; center_crop: pass the photo through as a "
                                                "centred square crop."}),
+        }, "optional": {
+            "landmarks": (list(face_alignment.LANDMARK_CHOICES), {
+                "default": "auto", "tooltip": "Where the eyes and mouth are taken from. dlib68: dlib's 68 points, the "
+                                              "FFHQ recipe's own (needs the dlib extra); retinaface5: the detector's "
+                                              "five points; auto: dlib68 when installed, else retinaface5."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "HYPERSTYLE_ALIGNMENT")
@@ -248,15 +269,15 @@ class HyperStyleAlignFace:
     FUNCTION = "align"
     CATEGORY = CATEGORY
 
-    def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face):
+    def align(self, image, detector, output_size, selection, face_index, threshold, on_no_face, landmarks="auto"):
         faces, records = face_alignment.align_batch(image, ops.load_detector(detector), int(output_size), selection,
-                                               face_index, threshold, on_no_face)
+                                               face_index, threshold, on_no_face, landmarks)
         return faces, records
 
 
 class HyperStylePasteBack:
-    DESCRIPTION = ("Puts (edited) aligned faces back into the original photos through a feathered face mask; "
-                   "everything outside the mask is left untouched.")
+    DESCRIPTION = ("Puts (edited) aligned faces back into the original photos through feathered face masks, all "
+                   "faces of a photo in one pass; everything outside the masks is left untouched.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -337,6 +358,72 @@ class HyperStyleEditSweep:
         return ops.edit_sweep(latent, direction, strength_from, strength_to, steps, layer_start, layer_end, deltas)
 
 
+def _text_edit_inputs(**strengths):
+    """The text edit's inputs, with the strength input(s) before β."""
+    return {
+        "model": ("HYPERSTYLE_MODEL", {"tooltip": "From Load HyperStyle."}),
+        "latent": ("HYPERSTYLE_LATENT", {"tooltip": "Codes of the inversion (from e4e Encode or Load Inversion)."}),
+        "neutral_text": ("STRING", {"default": "face with hair", "tooltip": "What the face is now, in words."}),
+        "target_text": ("STRING", {"default": "face with curly hair", "tooltip": "What it should become."}),
+        **strengths,
+        "beta": ("FLOAT", {"default": 0.13, "min": 0.08, "max": 0.3, "step": 0.01,
+                           "tooltip": "Disentanglement: only StyleSpace channels whose relevance to the text reaches "
+                                      "β change. Higher: fewer channels, a more targeted edit."}),
+    }
+
+
+_TEXT_EDIT_OPTIONAL = {
+    "deltas": ("HYPERSTYLE_DELTAS", {"tooltip": "HyperStyle offsets of the inversion (kept, so identity stays)."}),
+    "output_size": (["native", "512", "256"], {"default": "native", "tooltip": "native: the generator's "
+                                                                               "resolution."}),
+}
+_TEXT_EDIT_TIP = (" Needs fs3.npy, S_mean_std and templates.txt (official HyperStyle release, "
+                  "editing/styleclip/global_directions/) in models/hyperstyle/styleclip/ and the transformers "
+                  "package; CLIP ViT-B/32 downloads on first use.")
+
+
+class HyperStyleTextEdit:
+    DESCRIPTION = ("Edits an inversion with a text: a StyleCLIP global direction from 'neutral' to 'target' "
+                   "applied in StyleSpace, HyperStyle offsets kept. Outputs the edited image." + _TEXT_EDIT_TIP)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _text_edit_inputs(alpha=("FLOAT", {"default": 4.0, "min": -10.0, "max": 10.0, "step": 0.1,
+                                                    "tooltip": "Strength; negative moves towards the neutral text."}))
+        return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "edit"
+    CATEGORY = CATEGORY
+
+    def edit(self, model, latent, neutral_text, target_text, alpha, beta, deltas=None, output_size="native"):
+        return (ops.text_edit(model, latent, neutral_text, target_text, alpha, beta, deltas, output_size),)
+
+
+class HyperStyleTextEditSweep:
+    DESCRIPTION = ("A text edit over a range of strengths: one image per α (strength-major, as Edit Sweep)."
+                   + _TEXT_EDIT_TIP)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _text_edit_inputs(
+            alpha_from=("FLOAT", {"default": -5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "First strength."}),
+            alpha_to=("FLOAT", {"default": 5.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip": "Last strength."}),
+            steps=("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "Number of strengths."}))
+        return {"required": inputs, "optional": dict(_TEXT_EDIT_OPTIONAL)}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "sweep"
+    CATEGORY = CATEGORY
+
+    def sweep(self, model, latent, neutral_text, target_text, alpha_from, alpha_to, steps, beta, deltas=None,
+              output_size="native"):
+        alphas = ops.editing.linspace_strengths(alpha_from, alpha_to, steps)
+        return (ops.text_edit(model, latent, neutral_text, target_text, alphas, beta, deltas, output_size),)
+
+
 def _output_dir():
     try:
         import folder_paths
@@ -381,8 +468,8 @@ class HyperStyleLoadInversion:
     CATEGORY = CATEGORY
 
     def load(self, inversion):
-        import os
-        return ops.load_inversion(os.path.join(_output_dir(), inversion))
+        return ops.load_inversion(safe_paths.path_under(_output_dir(), inversion, "inversion", "the output folder",
+                                                        "hyperstyle/inversion_00001.safetensors"))
 
 
 NODE_CLASS_MAPPINGS = {
@@ -398,7 +485,14 @@ NODE_CLASS_MAPPINGS = {
     "HyperStyleEditSweep": HyperStyleEditSweep,
     "HyperStyleSaveInversion": HyperStyleSaveInversion,
     "HyperStyleLoadInversion": HyperStyleLoadInversion,
+    "HyperStyleTextEdit": HyperStyleTextEdit,
+    "HyperStyleTextEditSweep": HyperStyleTextEditSweep,
 }
+
+# A prompt may come from anyone who reaches the server: while a node runs, model files are read only from the models
+# folders (safe_paths.confined); Python and CLI callers of `ops` keep taking any path.
+for _node_class in NODE_CLASS_MAPPINGS.values():
+    safe_paths.confine_node(_node_class)
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleLoader": "Load HyperStyle",
@@ -413,4 +507,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HyperStyleEditSweep": "Edit Sweep",
     "HyperStyleSaveInversion": "Save Inversion",
     "HyperStyleLoadInversion": "Load Inversion",
+    "HyperStyleTextEdit": "Text Edit (StyleCLIP)",
+    "HyperStyleTextEditSweep": "Text Edit Sweep (StyleCLIP)",
 }

@@ -12,8 +12,14 @@ Precisions: fp32 (TF32 off: true fp32), tf32 (PyTorch's defaults: TF32 convoluti
 final images against fp32 on the same input. Optional checks: --chunk-check N (a batch of N under a --memory-cap-gib
 budget vs the images one by one) and --parity (GPU vs CPU fp32 on tiny released-format checkpoints).
 
+--fresh-process measures what a user waits for first: each batch size and precision in its own new Python process
+(model already on the device, so loading is not counted), with empty compile caches and then again with the caches
+the first process left (a restart), for the default path and for the path without torch.compile/Triton
+(HYPERSTYLE_COMPILE=0). One "first_call" line each.
+
     python benchmarks/bench_pipeline.py                                   # the README table (CUDA)
     python benchmarks/bench_pipeline.py --device cpu --tiny --size 64    # CPU smoke test (CI)
+    python benchmarks/bench_pipeline.py --fresh-process --precisions tf32,bf16 --batches 1,8   # first calls
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -285,9 +293,85 @@ def profile(master, args, device):
             gc.collect()
 
 
+def invert_and_decode(model, x, iters: int):
+    inv = model.invert(x, n_iters=iters, keep_steps=False)
+    model.decode(inv.codes, inv.deltas)
+
+
+def first_call(master, args, device, report):
+    """One process's first invert + decode per precision and batch (the --fresh-process child). The model is moved
+    to the device first, so this is the wait for compiling, recording graphs and choosing kernels."""
+    for precision in args.precisions:
+        with precision_flags(precision):
+            model = copy.deepcopy(master).to(device=device, dtype=DTYPES[precision]).channels_last_()
+            model.cuda_graphs = args.graphs
+            for batch in args.batches:
+                x = test_images(batch).to(device)
+                reset_memory(model, device)
+                sync(device)
+                start = time.perf_counter()
+                invert_and_decode(model, x, args.iters)
+                sync(device)
+                seconds = time.perf_counter() - start
+                second = timed(lambda: invert_and_decode(model, x, args.iters), device, 1)[0]
+                report(kind="first_call", batch=batch, precision=precision, first_call_s=round(seconds, 2),
+                       second_call_ms_per_image=round(1000 * second / batch, 2), **memory(device))
+            del model
+            gc.collect()
+
+
+PATHS = {"default": {}, "no-compile": {"HYPERSTYLE_COMPILE": "0"}}  # extra environment of each path
+
+
+def fresh_process_runs(args, cache_root: Path) -> list:
+    """(row fields, environment changes, argv) of every child process: per path, precision and batch, one with an
+    empty compile cache and one with the cache that run left behind. The path without compiling has no cache to
+    warm: it runs once."""
+    common = ["--first-call-only", "--device", args.device, "--size", str(args.size), "--iters", str(args.iters)]
+    common += ["--tiny"] * args.tiny + ["--no-graphs"] * (not args.graphs)
+    runs = []
+    for path in args.paths:
+        for precision in args.precisions:
+            for batch in args.batches:
+                folder = cache_root / f"{path}-{precision}-{batch}"
+                env = {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton"),
+                       **PATHS[path]}
+                argv = common + ["--precisions", precision, "--batches", str(batch)]
+                for cache in (("empty", "warm") if path == "default" else ("none",)):
+                    runs.append(({"path": path, "cache": cache}, env, argv))
+    return runs
+
+
+def run_child(argv: list, env_changes: dict) -> list:
+    """Runs this script in a new Python process; its JSON lines."""
+    env = {**os.environ, **env_changes}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve())] + argv, env=env, capture_output=True,
+                          text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        rows.append({"kind": "error", "returncode": done.returncode, "stderr": done.stderr[-2000:]})
+    return rows
+
+
+def fresh_process(args, report, runner=run_child):
+    with tempfile.TemporaryDirectory(prefix="hyperstyle-compile-cache-") as root:
+        for fields, env, argv in fresh_process_runs(args, Path(root)):
+            start = time.perf_counter()
+            rows = runner(argv, env)
+            process_s = round(time.perf_counter() - start, 1)
+            found = [r for r in rows if r.get("kind") in ("first_call", "error")]
+            if not found:
+                found = [{"kind": "error", "stderr": "the child printed no first_call line"}]
+            for row in found:
+                row = {k: v for k, v in row.items() if k not in report.common}
+                report(**{**row, **fields, "process_s": process_s})
+
+
 def print_table(rows):
-    lines = ["| GPU | batch | precision | invert+decode ms/image | decode ms/image | peak alloc GiB | "
-             "peak reserved GiB | PSNR vs fp32 dB |", "|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if any(r["kind"] == "invert+decode" for r in rows):
+        lines += ["| GPU | batch | precision | invert+decode ms/image | decode ms/image | peak alloc GiB | "
+                  "peak reserved GiB | PSNR vs fp32 dB |", "|---|---|---|---|---|---|---|---|"]
     decode = {(r["batch"], r["precision"]): r for r in rows if r["kind"] == "decode"}
     for r in rows:
         if r["kind"] != "invert+decode":
@@ -296,6 +380,12 @@ def print_table(rows):
         lines.append(f"| {r['gpu']} | {r['batch']} | {r['precision']} | {r['ms_per_image']} | "
                      f"{d.get('ms_per_image')} | {r['peak_alloc_gib']} | {r['peak_reserved_gib']} | "
                      f"{r['psnr_vs_fp32'] if r['psnr_vs_fp32'] is not None else '-'} |")
+    first = [r for r in rows if r["kind"] == "first_call" and "path" in r]
+    if first:
+        lines += ["| GPU | path | batch | precision | compile cache | first call s | whole process s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['gpu']} | {r['path']} | {r['batch']} | {r['precision']} | {r['cache']} | "
+                  f"{r['first_call_s']} | {r['process_s']} |" for r in first]
     print("\n".join(lines), flush=True)
 
 
@@ -320,6 +410,10 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the top kernels of one eager inversion")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--skip-bench", action="store_true", help="only the checks")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="first calls in new processes, empty and warm compile caches (implies --skip-bench)")
+    p.add_argument("--paths", default="default,no-compile", help="--fresh-process: default and/or no-compile")
+    p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # a --fresh-process child
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="no torch.compile of the elementwise steps (eager PyTorch only)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA graphs")
@@ -335,8 +429,14 @@ def main(argv=None):
     if unknown:
         p.error(f"--chunk-modes: unknown {', '.join(sorted(unknown))} (use auto and/or forced)")
     args.parity_sizes = [int(s) for s in args.parity_sizes.split(",")]
+    args.paths = args.paths.split(",")
+    if set(args.paths) - set(PATHS):
+        p.error(f"--paths: unknown {', '.join(sorted(set(args.paths) - set(PATHS)))} (use {', '.join(PATHS)})")
+    if args.fresh_process or args.first_call_only:
+        args.skip_bench = True
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    set_compile(args.compile)
+    if not args.compile:  # else HYPERSTYLE_COMPILE decides (on unless it is 0)
+        set_compile(False)
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -349,7 +449,9 @@ def main(argv=None):
            default_tf32_conv=torch.backends.cudnn.allow_tf32, default_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
            n_iters=args.iters, reps=args.reps, warmup=args.warmup)
 
-    if not args.skip_bench or args.chunk_check or args.profile:
+    if args.fresh_process:
+        fresh_process(args, report)
+    if not args.skip_bench or args.chunk_check or args.profile or args.first_call_only:
         start = time.perf_counter()
         master = build_model(args.size, args.tiny)
         print(f"# built the model in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
@@ -359,6 +461,8 @@ def main(argv=None):
         order = sorted(args.precisions, key=lambda p: p != "fp32")  # fp32 first: the PSNR reference
         for precision in order:
             bench_precision(master, precision, args, device, images, reference, report)
+    if args.first_call_only:
+        first_call(master, args, device, report)
     if args.profile:
         profile(master, args, device)
     if args.chunk_check:

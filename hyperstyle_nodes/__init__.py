@@ -6,8 +6,33 @@ Importable without ComfyUI. The main entry point is `load_hyperstyle`:
     inv = model.invert(images, n_iters=5)   # images [B, 3, H, W] in [0, 1], face-aligned
     edited = model.decode(inv.codes + direction, inv.deltas)
 """
-from .checkpoints import CheckpointError, read_checkpoint
-from .model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+# Loaded on first use (PEP 562), so `python -m hyperstyle_nodes edit --help` answers without importing torch.
+_LAZY_NAMES = {
+    "CheckpointError": "checkpoints", "read_checkpoint": "checkpoints",
+    "HyperStyleModel": "model", "Inversion": "model", "load_generator": "model", "load_hyperstyle": "model",
+}
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointError, read_checkpoint
+    from .model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
 
 __all__ = ["load_hyperstyle", "load_generator", "HyperStyleModel", "Inversion", "CheckpointError", "read_checkpoint"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:  # AttributeError lets `from hyperstyle_nodes import ops` fall back to the submodule
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

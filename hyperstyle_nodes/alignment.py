@@ -20,9 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import landmarks as landmark_models
 from .face_detect import Face, FaceDetector, ImageLike, numpy_to_tensor, to_rgb_float
 
 SELECTIONS = ("largest", "index", "all")
+LANDMARK_CHOICES = landmark_models.LANDMARK_CHOICES
+MAX_THRESHOLD = 0.99  # detection confidence must stay below 1
 NO_FACE_ACTIONS = ("error", "center_crop")
 METHOD_FFHQ = "ffhq"
 METHOD_CENTER_CROP = "center_crop"
@@ -423,23 +426,51 @@ def paste_back(original: ImageLike, face: ImageLike, record: AlignmentRecord, fe
     Returns (image float32 tensor [H,W,3], mask float32 tensor [H,W] in 0..1). Where mask == 0 the image is
     bit-identical to the original's RGB values (in 0..1 floats; uint8 originals are divided by 255).
     """
+    return paste_faces(original, [face], [record], feather)
+
+
+def paste_faces(original: ImageLike, faces: Sequence[ImageLike], records: Sequence[AlignmentRecord],
+                feather: float = DEFAULT_FEATHER):
+    """Paste several aligned faces of one photo back in a single pass.
+
+    Where feathered masks overlap (faces close together) the faces are averaged in proportion to their masks, so
+    neither overwrites the other's edge and the result does not depend on their order; the photo shows through by
+    the product of (1 - mask). Returns (image [H,W,3], mask [H,W]: the combined coverage), as `paste_back`.
+    """
     original_rgb = to_rgb_float(original, what="original image")
     height, width = original_rgb.shape[:2]
-    if (height, width) != tuple(record.source_size):
-        raise ValueError(f"paste_back: the original image is {height}x{width} but the alignment record was made "
-                         f"from a {record.source_size[0]}x{record.source_size[1]} image; connect the same image "
-                         f"that went into the align step")
+    weighted_faces = torch.zeros(height, width, 3)
+    weights = torch.zeros(height, width)
+    uncovered = torch.ones(height, width)
+    for face, record in zip(faces, records):
+        if (height, width) != tuple(record.source_size):
+            raise ValueError(f"paste_back: the original image is {height}x{width} but the alignment record was "
+                             f"made from a {record.source_size[0]}x{record.source_size[1]} image; connect the same "
+                             f"image that went into the align step")
+        warped = _warp_face_into_photo(face, record, height, width, feather)
+        if warped is None:  # the aligned square does not overlap the photo
+            continue
+        (x0, y0, x1, y1), warped_face, warped_mask = warped
+        weighted_faces[y0:y1, x0:x1] += warped_face * warped_mask[..., None]
+        weights[y0:y1, x0:x1] += warped_mask
+        uncovered[y0:y1, x0:x1] *= 1.0 - warped_mask
+    mask = 1.0 - uncovered
+    covered = mask > 0
+    blend = weighted_faces / weights.clamp_min(1e-12)[..., None]
+    composite = original_rgb + (blend - original_rgb) * mask[..., None]
+    return torch.where(covered[..., None], composite, original_rgb), mask
+
+
+def _warp_face_into_photo(face: ImageLike, record: AlignmentRecord, height: int, width: int, feather: float):
+    """(box, face [h,w,3], mask [h,w]) of an aligned face warped back into its photo's pixel box, or None."""
     size = int(record.output_size)
     face_chw = to_rgb_float(face, what="face").permute(2, 0, 1)
     if face_chw.shape[-2:] != (size, size):
         face_chw = F.interpolate(face_chw[None], size=(size, size), mode="bicubic", antialias=True,
                                  align_corners=False)[0].clamp(0.0, 1.0)
-
-    mask = torch.zeros(height, width)
-    composite = original_rgb.clone()
     box = _quad_bbox_in_image(np.asarray(record.quad), height, width)
-    if box is None:  # the aligned square does not overlap the photo
-        return composite, mask
+    if box is None:
+        return None
     x0, y0, x1, y1 = box
     region_to_out = np.linalg.inv(record.transform) @ _translation(x0, y0)
     warped_face = _warp(face_chw, region_to_out, y1 - y0, x1 - x0, mode="bicubic", padding_mode="border")
@@ -447,12 +478,7 @@ def paste_back(original: ImageLike, face: ImageLike, record: AlignmentRecord, fe
     warped_mask = _warp(region_mask[None], region_to_out, y1 - y0, x1 - x0, mode="bilinear",
                         padding_mode="zeros")[0].clamp(0.0, 1.0)
     warped_mask = warped_mask * _inside_square(region_to_out, y1 - y0, x1 - x0, size)
-
-    patch = original_rgb[y0:y1, x0:x1]
-    blended = patch + (warped_face.permute(1, 2, 0).clamp(0.0, 1.0) - patch) * warped_mask[..., None]
-    composite[y0:y1, x0:x1] = torch.where(warped_mask[..., None] > 0, blended, patch)
-    mask[y0:y1, x0:x1] = warped_mask
-    return composite, mask
+    return box, warped_face.permute(1, 2, 0).clamp(0.0, 1.0), warped_mask
 
 
 def _quad_bbox_in_image(quad: np.ndarray, height: int, width: int):
@@ -483,13 +509,16 @@ def _check_output_size(output_size) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, selection: str = "largest",
-                face_index: int = 0, threshold: float = 0.9, on_no_face: str = "error"):
+                face_index: int = 0, threshold: float = 0.9, on_no_face: str = "error",
+                landmarks: str = landmark_models.AUTO):
     """Detect and FFHQ-align faces in every image of a batch.
 
     selection: 'largest' (one face per image), 'index' (face number `face_index`, largest first) or 'all' (one
-    output per face: a group photo becomes several aligned faces).
+    output per face: a group photo becomes several aligned faces, each person once).
     on_no_face: 'error' raises NoFaceError; 'center_crop' passes the largest centred square through instead (its
     record has method='center_crop', so paste-back still works).
+    landmarks: 'auto' (dlib's 68 points when the extra is installed, else RetinaFace's five), 'dlib68' or
+    'retinaface5' (see landmarks.py). Faces in any orientation (photos turned 90/180/270 degrees) are found upright.
     Returns (aligned float32 [N,S,S,3] on the input's device, list of N AlignmentRecords).
     """
     if selection not in SELECTIONS:
@@ -500,11 +529,12 @@ def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, se
         raise ValueError(f"face_index must be a whole number >= 0, got {face_index}")
     images, device = _as_batch(images_bhwc, "images")
     output_size = _check_output_size(output_size)
+    landmark_model = landmark_models.get_landmarks_model(landmarks)
 
     aligned, records = [], []
     for index in range(images.shape[0]):
         rgb = to_rgb_float(images[index], what=f"batch image {index}")
-        faces = detector.detect(rgb, threshold=threshold)
+        faces = find_faces(rgb, detector, threshold, landmark_model)
         chosen = _select_faces(faces, selection, int(face_index), index, images.shape[0], threshold, on_no_face)
         if not chosen:
             face, record = center_crop_align(rgb, output_size, source_index=index)
@@ -512,15 +542,113 @@ def align_batch(images_bhwc, detector: FaceDetector, output_size: int = 1024, se
             records.append(record)
             continue
         for face in chosen:
-            crop, record = align_face(rgb, ffhq_quad(face.landmarks), output_size, landmarks=face.landmarks,
-                                      score=face.score, source_index=index)
+            crop, record = align_face(rgb, face.quad, output_size, landmarks=face.points5, score=face.score,
+                                      source_index=index)
             aligned.append(crop)
             records.append(record)
     return torch.stack(aligned).to(device), records
 
 
-def _select_faces(faces: List[Face], selection: str, face_index: int, image_index: int, batch_size: int,
-                  threshold: float, on_no_face: str) -> List[Face]:
+@dataclass
+class FoundFace:
+    """A face ready to align: its five alignment points and FFHQ square, in the photo's pixels."""
+
+    score: float  # RetinaFace's confidence
+    points5: np.ndarray  # (5, 2): eye centres, nose tip, outer mouth corners
+    confirmed: bool  # the landmarks were checked to sit on an upright face (see find_faces)
+    quad: np.ndarray = None
+
+    def __post_init__(self):
+        self.quad = ffhq_quad(self.points5)
+
+    @property
+    def side(self) -> float:
+        return float(np.hypot(*(self.quad[3] - self.quad[0])))
+
+
+def find_faces(rgb: torch.Tensor, detector: FaceDetector, threshold: float = 0.9,
+               landmark_model=None) -> List[FoundFace]:
+    """Every face in an [H,W,3] photo, in any orientation, each once, largest first.
+
+    RetinaFace finds the faces; `landmark_model` (a landmarks.Dlib68Landmarks, or None for RetinaFace's own five
+    points) places the alignment points. A face is "confirmed" when a second look sees an upright face where its
+    points say: dlib's detector in the face's upright frame, or (five points) RetinaFace again on the aligned crop.
+    Detectors trained on upright faces still fire on faces turned sideways or upside down, with points in the
+    wrong places, so when a face is not confirmed (or none is found) the photo is searched again turned by 90, 180
+    and 270 degrees, and a face confirmed there replaces an unconfirmed one at the same place.
+    """
+    height, width = rgb.shape[:2]
+    image_u8 = (rgb * 255.0).round().to(torch.uint8).numpy() if landmark_model is not None else None
+    photo_rects = landmark_model.detect_in_photo(image_u8) if landmark_model is not None else ()
+    found = [_locate(face, rgb, image_u8, detector, landmark_model, photo_rects)
+             for face in detector.detect(rgb, threshold=threshold)]
+    if not found or not all(face.confirmed for face in found):
+        for turns in (1, 2, 3):
+            turned = torch.rot90(rgb, turns, dims=(0, 1))
+            for face in detector.detect(turned, threshold=threshold):
+                candidate = _locate(_unturn_face(face, turns, height, width), rgb, image_u8, detector,
+                                    landmark_model, ())
+                if candidate.confirmed:
+                    found.append(candidate)
+    return _distinct_faces(found)
+
+
+def _locate(face: Face, rgb, image_u8, detector: FaceDetector, landmark_model, photo_rects) -> FoundFace:
+    if landmark_model is not None:
+        located = landmark_model.locate(image_u8, ffhq_quad(face.landmarks), photo_rects)
+        return FoundFace(face.score, located.points5, located.confirmed)
+    return FoundFace(face.score, np.asarray(face.landmarks, dtype=np.float64),
+                     _retinaface_confirms(rgb, face.landmarks, detector))
+
+
+# Where RetinaFace puts the five points on an FFHQ-aligned face (fractions of the square; measured on the shared
+# photos aligned by the recipe), and how far (mean, fraction of the side) a second detection may land from them.
+_ALIGNED_POINTS5 = np.array([[0.38, 0.465], [0.625, 0.47], [0.5, 0.61], [0.39, 0.72], [0.61, 0.72]])
+_ALIGNED_POINTS5_TOLERANCE = 0.06
+_CHECK_SIZE = 160
+
+
+def _retinaface_confirms(rgb: torch.Tensor, points5, detector: FaceDetector) -> bool:
+    """Does RetinaFace, run again on the aligned crop, find the face upright where the FFHQ recipe puts it?"""
+    quad = ffhq_quad(points5)
+    crop = _warp(rgb.permute(2, 0, 1), quad_transform(quad, _CHECK_SIZE), _CHECK_SIZE, _CHECK_SIZE,
+                 mode="bilinear", padding_mode="zeros").clamp(0.0, 1.0)
+    again = detector.detect(crop.permute(1, 2, 0), threshold=0.5)
+    if not again:
+        return False
+    error = np.linalg.norm(again[0].landmarks / _CHECK_SIZE - _ALIGNED_POINTS5, axis=1).mean()
+    return bool(error < _ALIGNED_POINTS5_TOLERANCE)
+
+
+def _unturn_face(face: Face, turns: int, height: int, width: int) -> Face:
+    """A face found in torch.rot90(photo, turns) (counter-clockwise quarter turns), in the photo's pixels."""
+    def unturn(points):
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2).copy()
+        h, w = (width, height) if turns % 2 else (height, width)  # the turned photo's size
+        for _ in range(turns % 4):  # undo one quarter turn at a time
+            x, y = points[:, 0].copy(), points[:, 1].copy()
+            points[:, 0], points[:, 1] = h - 1 - y, x  # one turn back: (x, y) came from (height - 1 - y, x)
+            h, w = w, h
+        return points
+
+    corners = unturn([[face.box[0], face.box[1]], [face.box[2], face.box[3]]])
+    box = (*corners.min(axis=0), *corners.max(axis=0))
+    return Face(score=face.score, box=tuple(float(v) for v in box), landmarks=unturn(face.landmarks))
+
+
+def _distinct_faces(faces: List[FoundFace]) -> List[FoundFace]:
+    """Each person once: of faces whose squares share a centre (within a third of the smaller side), the
+    confirmed one, else the most confident, is kept. Largest first."""
+    kept: List[FoundFace] = []
+    for face in sorted(faces, key=lambda f: (f.confirmed, f.score), reverse=True):
+        centre = face.quad.mean(axis=0)
+        if all(np.hypot(*(centre - other.quad.mean(axis=0))) > min(face.side, other.side) / 3.0 for other in kept):
+            kept.append(face)
+    return sorted(kept, key=lambda f: f.side, reverse=True)
+
+
+def _select_faces(faces: List[FoundFace], selection: str, face_index: int, image_index: int, batch_size: int,
+                  threshold: float, on_no_face: str) -> List[FoundFace]:
     """The faces to align for one image; [] means 'use the center-crop pass-through'."""
     if selection == "index" and faces and face_index >= len(faces):
         raise ValueError(f"batch image {image_index} has {len(faces)} face(s) at threshold {threshold}, so "
@@ -537,7 +665,8 @@ def _select_faces(faces: List[Face], selection: str, face_index: int, image_inde
 
 def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentRecord],
                      feather: float = DEFAULT_FEATHER):
-    """Paste faces[i] into originals[records[i].source_index]; several faces of one photo compose in order.
+    """Paste faces[i] into originals[records[i].source_index]; the faces of one photo go in together, in one pass
+    (see `paste_faces`).
 
     Returns (images float32 [B,H,W,3], masks float32 [B,H,W]: the union of the pasted regions), on the originals'
     device. Photos without a record come back unchanged (RGB) with an empty mask.
@@ -549,7 +678,7 @@ def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentReco
         raise ValueError(f"paste back got {faces.shape[0]} face image(s) but {len(records)} alignment record(s); "
                          f"connect the alignment records from the same align node that produced these faces "
                          f"(an edited batch must keep its size and order)")
-    batch, height, width = originals.shape[:3]
+    batch = originals.shape[0]
     for number, record in enumerate(records):
         if not isinstance(record, AlignmentRecord):
             raise TypeError(f"alignment record {number} is a {type(record).__name__}, not an AlignmentRecord")
@@ -559,12 +688,9 @@ def paste_back_batch(originals_bhwc, faces_bhwc, records: Sequence[AlignmentReco
 
     images, masks = [], []
     for index in range(batch):
-        image = to_rgb_float(originals[index], what=f"original image {index}")
-        mask = torch.zeros(height, width)
-        for number, record in enumerate(records):
-            if record.source_index == index:
-                image, face_mask = paste_back(image, faces[number], record, feather=feather)
-                mask = torch.maximum(mask, face_mask)
+        numbers = [number for number, record in enumerate(records) if record.source_index == index]
+        image, mask = paste_faces(originals[index], [faces[number] for number in numbers],
+                                  [records[number] for number in numbers], feather=feather)
         images.append(image)
         masks.append(mask)
     return torch.stack(images).to(device), torch.stack(masks).to(device)

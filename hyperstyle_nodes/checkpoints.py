@@ -12,10 +12,12 @@ Files are read with `weights_only=True`: a file whose pickle would build arbitra
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -122,14 +124,15 @@ def torch_load_safely(path) -> object:
                               f"model file? size {path.stat().st_size if path.exists() else 0} bytes): {err}") from err
 
 
-def _opts_dict(opts) -> dict:
+def _opts_dict(opts, path: Path) -> dict:
     if opts is None:
         return {}
     if isinstance(opts, argparse.Namespace):
         return dict(vars(opts))
     if isinstance(opts, dict):
         return dict(opts)
-    raise CheckpointError(f"unexpected 'opts' of type {type(opts).__name__} in the checkpoint")
+    raise CheckpointError(f"{path.name}: its 'opts' are a {type(opts).__name__}, not a dictionary of options; the "
+                          f"file is damaged or not a checkpoint this pack knows.")
 
 
 def _split_prefixed(state_dict: dict) -> dict:
@@ -158,16 +161,20 @@ def read_checkpoint(path) -> Checkpoint:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary; expected one of: "
                               + "; ".join(KIND_DESCRIPTIONS.values()))
-    if "g_ema" in obj or "style.1.weight" in obj:
-        generator = obj.get("g_ema", obj)
-        return _checkpoint(path, GENERATOR, {}, {"decoder": generator}, obj.get("latent_avg"))
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        parts = _split_prefixed(obj["state_dict"])
-        opts = _opts_dict(obj.get("opts"))
-        if "hypernet" in parts:
-            return _checkpoint(path, HYPERSTYLE, opts, parts, obj.get("latent_avg"))
-        if "encoder" in parts:
-            return _checkpoint(path, _encoder_kind(path, parts["encoder"], opts), opts, parts, obj.get("latent_avg"))
+    with contents_checked(path):
+        if "g_ema" in obj or "style.1.weight" in obj:
+            generator = obj.get("g_ema", obj)
+            if not isinstance(generator, dict):
+                raise CheckpointError(f"{path.name}: 'g_ema' is a {type(generator).__name__}, not a state dict")
+            return _checkpoint(path, GENERATOR, {}, {"decoder": generator}, obj.get("latent_avg"))
+        if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            parts = _split_prefixed(obj["state_dict"])
+            opts = _opts_dict(obj.get("opts"), path)
+            if "hypernet" in parts:
+                return _checkpoint(path, HYPERSTYLE, opts, parts, obj.get("latent_avg"))
+            if "encoder" in parts:
+                kind = _encoder_kind(path, parts["encoder"], opts)
+                return _checkpoint(path, kind, opts, parts, obj.get("latent_avg"))
     raise CheckpointError(f"{path.name} is not a file this pack knows (top-level keys: {sorted(obj)[:8]}). Expected "
                           "one of: " + "; ".join(KIND_DESCRIPTIONS.values()))
 
@@ -186,8 +193,25 @@ def _encoder_kind(path: Path, encoder: dict, opts: dict) -> str:
 
 def _checkpoint(path, kind, opts, parts, latent_avg) -> Checkpoint:
     size = _output_size(path, kind, opts, parts)
+    _check_latent_avg(path, latent_avg, 2 * log2(size) - 2)
     return Checkpoint(path=path, kind=kind, opts=opts, parts=parts, latent_avg=latent_avg, output_size=size,
                       encoder_type=str(opts.get("encoder_type", "")))
+
+
+def _check_latent_avg(path: Path, latent_avg, n_styles: int) -> None:
+    """latent_avg is [D], [1, D] or [n_styles, D] of finite floats (it is added to every code)."""
+    if latent_avg is None:
+        return
+    if not isinstance(latent_avg, torch.Tensor) or not latent_avg.is_floating_point():
+        found = latent_avg.dtype if isinstance(latent_avg, torch.Tensor) else type(latent_avg).__name__
+        raise CheckpointError(f"{path.name}: 'latent_avg' is {found}, not a float tensor; the file is damaged.")
+    shape = list(latent_avg.shape)
+    if not (latent_avg.ndim == 1 or (latent_avg.ndim == 2 and shape[0] in (1, n_styles))) or 0 in shape:
+        raise CheckpointError(f"{path.name}: 'latent_avg' has shape {shape}, expected [D], [1, D] or "
+                              f"[{n_styles}, D] for its generator; the file is damaged.")
+    if not torch.isfinite(latent_avg).all():
+        raise CheckpointError(f"{path.name}: 'latent_avg' contains NaN or infinite values; the file is damaged. "
+                              f"Download it again, or use an earlier checkpoint if it comes from training.")
 
 
 def _output_size(path, kind, opts, parts) -> int:
@@ -199,6 +223,12 @@ def _output_size(path, kind, opts, parts) -> int:
         n_styles = len({k.split(".")[1] for k in parts["encoder"] if k.startswith("styles.")})
         from_weights = 2 ** ((n_styles + 2) // 2)
     from_opts = opts.get("output_size", opts.get("stylegan_size"))
+    if from_opts is not None:
+        try:
+            from_opts = int(from_opts)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: its option output_size/stylegan_size is {from_opts!r}, not a whole "
+                                  f"number of pixels; the file's options are damaged.") from None
     if from_opts is not None and from_weights is not None and int(from_opts) != from_weights:
         raise CheckpointError(f"{path.name}: its options say {from_opts} px but its generator weights are "
                               f"{from_weights} px; the file is inconsistent.")
@@ -290,6 +320,75 @@ def restore_shared_aliases(hypernet_weights: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Contents: what a readable file with the wrong tensors or options gets instead of a raw KeyError / RuntimeError
+
+
+@contextmanager
+def contents_checked(ckpt_or_path):
+    """Turn a missing key or an unusable value met while reading a file's architecture into a CheckpointError
+    that names the file."""
+    name = Path(ckpt_or_path.path if isinstance(ckpt_or_path, Checkpoint) else ckpt_or_path).name
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        raise CheckpointError(f"{name}: the tensor or option {err} is missing; the file is incomplete or damaged. "
+                              f"Download it again (or re-save it from its original).") from None
+    except (IndexError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"{name}: its tensors or options do not describe a model this pack can build "
+                              f"({type(err).__name__}: {err}); the file is damaged or was edited.") from None
+
+
+def _shape(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _first(items: list, sep: str = ", ", n: int = 3) -> str:
+    return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
+
+
+def load_weights(module: torch.nn.Module, ckpt: Checkpoint, part: str) -> torch.nn.Module:
+    """`module.load_state_dict(ckpt.parts[part], strict=True)` after checking every key, shape and value, so a
+    damaged file is refused with its name, the tensor and the expected vs found shape (or its NaN/inf weights)."""
+    weights, expected = ckpt.parts[part], module.state_dict()
+    what = "generator" if part == "decoder" else part
+    wrong = [f"'{k}' is {_shape(weights[k])}, expected {_shape(v)}" for k, v in expected.items()
+             if k in weights and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)]
+    missing = [repr(k) for k in expected if k not in weights]
+    unexpected = [repr(k) for k in weights if k not in expected]
+    if wrong or missing or unexpected:
+        found = [f"{len(items)} {label} ({_first(items, sep)})" for items, label, sep in (
+            (wrong, "of wrong shape", "; "), (missing, "missing", ", "), (unexpected, "unexpected", ", ")) if items]
+        raise CheckpointError(f"{ckpt.name}: its {what} weights do not fit the architecture the file describes: "
+                              f"{'; '.join(found)}. The file is damaged or was edited; download it again (or re-save "
+                              f"it from its original).")
+    # a sum is one pass without a temporary: only NaN/inf (or a sum beyond float range: then look closer) breaks it
+    bad = [repr(k) for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v.sum())
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{ckpt.name}: {len(bad)} of its {what} tensors contain NaN or infinite values "
+                              f"({_first(bad)}), so every image made with them would be NaN. The file is damaged "
+                              f"(or its training diverged): download it again, or use an earlier checkpoint.")
+    module.load_state_dict(weights, strict=True)
+    return module
+
+
+def weights_signature(weights: dict) -> str:
+    """A fingerprint of a state dict's names, dtypes, shapes and bytes (sha256, 12 hex digits): the same for the
+    same weights in a .pt or a converted .safetensors file, at any precision the model is later cast to. The
+    released generator's 120 MB hash in about 0.1-0.3 s, once per load."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        value = weights[key]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{value.dtype}:{list(value.shape)};".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Our own safetensors format
 
 
@@ -334,5 +433,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
     parts = _split_prefixed(tensors)
     if "hypernet" in parts:
         parts["hypernet"] = restore_shared_aliases(parts["hypernet"])
-    opts = json.loads(metadata.get("opts", "{}"))
-    return _checkpoint(path, kind, opts, parts, latent_avg)
+    try:
+        opts = json.loads(metadata.get("opts", "{}"))
+    except ValueError as err:
+        raise CheckpointError(f"{path.name}: its 'opts' metadata is not valid JSON ({err}); the file is damaged. "
+                              f"Convert the original .pt file again.") from None
+    with contents_checked(path):
+        return _checkpoint(path, kind, _opts_dict(opts, path), parts, latent_avg)

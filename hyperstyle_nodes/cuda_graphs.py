@@ -11,12 +11,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import warmup
+
 
 class GraphCache:
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all graphs of a model, replayed in turn
         self.graphs: dict = {}
+        self.announced: set = set()
 
     def run(self, name: str, fn: Callable, inputs: Sequence[torch.Tensor]):
         """fn(*inputs) through a graph recorded on first use for these input shapes. The returned tensors belong to
@@ -26,6 +29,7 @@ class GraphCache:
                + tuple((tuple(t.shape), t.dtype) for t in inputs))
         entry = self.graphs.get(key)
         if entry is None:
+            self._announce(inputs[0])
             entry = self.graphs[key] = self._record(fn, inputs)
         graph, static_inputs, static_outputs = entry
         for dst, src in zip(static_inputs, inputs):
@@ -33,6 +37,19 @@ class GraphCache:
                 dst.copy_(src)
         graph.replay()
         return static_outputs
+
+    def _announce(self, first_input: torch.Tensor) -> None:
+        """Says once per batch size, dtype and TF32 mode that this first call compiles and records (it takes longer)."""
+        from .stylegan2 import compile_enabled
+
+        shape = (first_input.shape[0], first_input.dtype, torch.backends.cudnn.allow_tf32,
+                 torch.backends.cuda.matmul.allow_tf32)
+        if shape not in self.announced:
+            self.announced.add(shape)
+            compiling = compile_enabled()
+            if compiling:
+                warmup.use_persistent_cache()
+            warmup.notice(warmup.describe_first_call(first_input.shape[0], first_input.dtype, compiling))
 
     def _record(self, fn: Callable, inputs: Sequence[torch.Tensor]):
         static_inputs = [t.detach().clone() for t in inputs]

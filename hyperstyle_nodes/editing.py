@@ -66,13 +66,27 @@ def _read_tensor_file(path: Path) -> object:
             raise ValueError(f"{path}: expected a numeric array, found dtype {array.dtype}")
         return torch.from_numpy(np.ascontiguousarray(array))
 
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
+        with safe_open(str(path), framework="pt") as f:
+            written_as = (f.metadata() or {}).get("format")
         tensors = load_file(str(path), device="cpu")
     except Exception as err:
         raise ValueError(f"{path}: not a readable .safetensors file ({type(err).__name__}: {err})") from err
+    if written_as in _NOT_DIRECTIONS:
+        raise ValueError(f"{path}: this is {_NOT_DIRECTIONS[written_as]}, not an edit direction. {_DIRECTION_HINT}")
     return tensors
+
+
+# Files that hold tensors but are no direction: a checkpoint's latent_avg or an inversion's codes would otherwise
+# be taken as one (and move every code by the average latent).
+_CHECKPOINT_KEYS = ("state_dict", "g_ema", "opts", "latent_avg")
+_NOT_DIRECTIONS = {"hyperstyle-nodes": "a model checkpoint (converted to safetensors)",
+                   "hyperstyle-inversion": "a saved inversion (load it with Load Inversion)"}
+_DIRECTION_HINT = ("An edit direction is a single tensor of shape (512,), (1, 512), (n_styles, 512) or "
+                   "(1, n_styles, 512), e.g. InterFaceGAN's age.pt; models go into Load HyperStyle or Load Generator.")
 
 
 def _pick_tensor(content: object, path: Path, preferred_key: str) -> Tensor:
@@ -82,6 +96,10 @@ def _pick_tensor(content: object, path: Path, preferred_key: str) -> Tensor:
     if isinstance(content, dict):
         if preferred_key in content and isinstance(content[preferred_key], Tensor):
             return content[preferred_key]
+        found = [k for k in _CHECKPOINT_KEYS if k in content]
+        if found:
+            raise ValueError(f"{path}: this is a model checkpoint (it holds {', '.join(map(repr, found))}), not an "
+                             f"edit direction. {_DIRECTION_HINT}")
         tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
         if len(tensors) == 1:
             return next(iter(tensors.values()))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from . import image_checks
+
 # Network name accepted by us -> (facexlib network_name, file name of the released facexlib weights).
 _NETWORKS = {
     "mobilenet0.25": ("mobile0.25", "detection_mobilenet0.25_Final.pth"),
@@ -59,10 +61,10 @@ def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def to_rgb_float(image: ImageLike, what: str = "image") -> torch.Tensor:
-    """Any HxW, HxWx1, HxWx3 or HxWx4 image (numpy or torch, uint8 or float) -> float32 tensor [H,W,3] in 0..1.
+    """Any HxW or HxWxC image (C = 1-4; numpy or torch, uint8 or float) -> float32 tensor [H,W,3] in 0..1 on the CPU.
 
-    Floats are taken as 0..1 (the ComfyUI convention); a float image whose values exceed 1.5 is taken as 0..255.
-    Grey images are repeated to three channels, alpha is dropped.
+    The values follow image_checks' policy (uint8 /255; floats finite and in [0, 1], a 0..255 float image is
+    refused); grey images are repeated to three channels, alpha is dropped.
     """
     if isinstance(image, np.ndarray):
         tensor = numpy_to_tensor(image)
@@ -70,29 +72,7 @@ def to_rgb_float(image: ImageLike, what: str = "image") -> torch.Tensor:
         tensor = image.detach().cpu()
     else:
         raise TypeError(f"{what} must be a numpy array or torch tensor of shape HxWxC, got {type(image).__name__}")
-    if tensor.ndim == 2:
-        tensor = tensor[:, :, None]
-    if tensor.ndim != 3 or tensor.shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} must have shape HxW or HxWxC with C in (1, 3, 4) (channels last), got {tuple(tensor.shape)}")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(tensor.shape)})")
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
-    elif tensor.dtype.is_floating_point:
-        tensor = tensor.float()
-        low, high = (float(v) for v in torch.aminmax(tensor))  # NaN and inf show up in the extremes
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{what} contains NaN or infinite values")
-        if high > 1.5:
-            tensor, low, high = tensor / 255.0, low / 255.0, high / 255.0
-        if low < 0.0 or high > 1.0:
-            tensor = tensor.clamp(0.0, 1.0)
-    else:
-        raise TypeError(f"{what} must be uint8 or floating point, got {tensor.dtype}")
-    if tensor.shape[2] == 1:
-        tensor = tensor.expand(-1, -1, 3)
-    return tensor[:, :, :3].contiguous()
+    return image_checks.rgb_hwc(tensor, what).contiguous()
 
 
 class FaceDetector:
@@ -167,18 +147,19 @@ class FaceDetector:
         return f"FaceDetector(RetinaFace {self.network_name}, device={self.device})"
 
 
-def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "resnet50",
+def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "auto",
                        device: Union[str, torch.device] = "cpu", max_detect_side: int = 1024) -> FaceDetector:
-    """Build facexlib's RetinaFace (`network` 'resnet50' or 'mobilenet0.25') and load weights from a local file.
+    """Build facexlib's RetinaFace and load weights from a local file.
 
+    `network`: 'auto' (read from the file's keys, whatever its name), 'resnet50' or 'mobilenet0.25'.
     Nothing is downloaded. The file must be a RetinaFace state dict for that backbone, like facexlib's released
     detection_Resnet50_Final.pth / detection_mobilenet0.25_Final.pth (a leading 'module.' on keys is fine).
     """
     name = _NETWORK_ALIASES.get(str(network).lower(), str(network).lower())
-    if name not in _NETWORKS:
-        raise ValueError(f"unknown face detector network {network!r}; choose one of {sorted(_NETWORKS)}")
-    facexlib_name, released_file = _NETWORKS[name]
-    expected = f"a RetinaFace {name} state dict such as facexlib's {released_file}"
+    if name != "auto" and name not in _NETWORKS:
+        raise ValueError(f"unknown face detector network {network!r}; choose 'auto' or one of {sorted(_NETWORKS)}")
+    expected = ("a RetinaFace state dict (ResNet-50 or MobileNet-0.25) such as facexlib's "
+                + " or ".join(released for _, released in _NETWORKS.values()))
 
     path = Path(weights_path)
     if not path.is_file():
@@ -194,6 +175,13 @@ def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "re
         raise ValueError(f"face detector weights {path} hold a {type(state).__name__}, not a state dict of tensors; "
                          f"expected {expected}")
     state = {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+    if name == "auto":
+        name = _network_of(state)
+        if name is None:
+            raise ValueError(f"face detector weights {path} are not a RetinaFace network (none of its "
+                             f"{len(state)} keys is a ResNet-50 or MobileNet-0.25 backbone layer); expected {expected}")
+    facexlib_name, released_file = _NETWORKS[name]
+    expected = f"a RetinaFace {name} state dict such as facexlib's {released_file}"
 
     from facexlib.detection.retinaface import RetinaFace  # imported late: facexlib's package import is heavy
 
@@ -207,10 +195,20 @@ def load_face_detector(weights_path: Union[str, os.PathLike], network: str = "re
         raise ValueError(
             f"face detector weights {path} do not fit RetinaFace {name}: {len(ours - theirs)} missing and "
             f"{len(theirs - ours)} unexpected keys, {_count_shape_mismatches(model, state)} shape mismatches. "
-            f"Expected {expected}; check the `network` setting matches the file") from error
+            f"Expected {expected}; the file may be another model, or pass network='auto' to read the backbone "
+            f"from the file") from error
     device = torch.device(device)
     model = model.to(device).eval()
     return FaceDetector(model, name, device, max_detect_side=max_detect_side)
+
+
+def _network_of(state: dict):
+    """Which RetinaFace backbone a state dict is for, from its key names (facexlib's layout), or None."""
+    if any(key.startswith("body.stage1.") for key in state):
+        return "mobilenet0.25"
+    if any(key.startswith("body.layer2.") for key in state):
+        return "resnet50"
+    return None
 
 
 def _count_shape_mismatches(model: torch.nn.Module, state: dict) -> int:

@@ -7,6 +7,7 @@ File layout (format version 1):
   metadata  'format'           'hyperstyle-inversion'
             'format_version'   '1'
             'model_id'         which HyperStyle model made the offsets (they only fit that generator)
+            'generator_signature'  that generator's weights fingerprint (optional; compared when loaded back)
             'num_layers'       length of the offsets list (untuned layers are None and not stored)
             'delta_layers'     JSON list of the layer indices that are stored
             'dtype'            dtype of the codes (e.g. 'float32'); offsets keep their own dtype
@@ -87,7 +88,7 @@ def _next_free_path(path: Path) -> Path:
 
 
 def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_id: str,
-                   extra: dict | None = None, overwrite: bool = False) -> Path:
+                   extra: dict | None = None, overwrite: bool = False, signature: str = "") -> Path:
     """Save an inversion; returns the path actually written.
 
     `path` gets '.safetensors' appended unless it already ends so; missing folders are created. With
@@ -117,6 +118,8 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
         "dtype": _dtype_name(codes.dtype),
         "extra": extra_json,
     }
+    if signature:
+        metadata["generator_signature"] = signature
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file first, so a crash never leaves a half-written file under the final name.
@@ -171,7 +174,7 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
 
     Returns (codes, deltas, metadata): deltas is a list of length num_layers with None where a layer is not
     tuned; metadata has 'format_version' (int), 'model_id' (str), 'num_layers' (int), 'delta_layers'
-    (list[int]), 'dtype' (str) and 'extra' (dict).
+    (list[int]), 'dtype' (str), 'extra' (dict) and, for files saved with one, 'generator_signature' (str).
     """
     path = Path(path)
     if not path.is_file():
@@ -195,6 +198,8 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
                 "dtype": raw_meta["dtype"],
                 "extra": json.loads(raw_meta["extra"]),
             }
+            if "generator_signature" in raw_meta:
+                metadata["generator_signature"] = raw_meta["generator_signature"]
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path}: damaged inversion metadata ({type(err).__name__}: {err})") from None
         if metadata["format_version"] > FORMAT_VERSION:

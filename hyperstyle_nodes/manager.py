@@ -5,18 +5,25 @@
     model = handle.use()          # call before every use: puts the model back on its device if it was moved off
 
 `key` is a hashable tuple naming what `builder()` reads (see `file_identity`), plus anything else that changes
-the result. Outside ComfyUI the cache is an LRU with a byte budget. Inside ComfyUI each model is wrapped in a
-`comfy.model_patcher.ModelPatcher` and loaded through `comfy.model_management.load_models_gpu`, so ComfyUI counts
-its memory, honours --cpu/--lowvram/--novram, and can move it off the GPU ("unload models"); the next `use()`
-moves it back without reading the disk.
+the result. A builder that raises leaves nothing in the cache. The cache is an LRU with a byte budget
+(HYPERSTYLE_CACHE_BYTES, 8 GiB by default): the least recently used models leave it first, and are freed once
+nothing else (e.g. ComfyUI's cache of node outputs) holds them. Inside ComfyUI each model is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded through
+`comfy.model_management.load_models_gpu`, so ComfyUI counts its memory, honours --cpu/--lowvram/--novram, and can
+move it off the GPU when it needs the room (the next `use()` moves it back without reading the disk). ComfyUI's
+"unload models" (`unload_all_models`: POST /free, after an out-of-memory error, after every prompt under
+--disable-smart-memory) empties the cache (`unload_all`): the weights are dropped and the next `use()` of a handle
+reads its file again, so a handle held in ComfyUI's node cache stays valid.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
 import re
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -99,16 +106,24 @@ def _describe(key) -> str:
 
 
 class ModelHandle:
-    """A cached model. Call `use()` before each use: it returns the model, on its device."""
+    """A cached model. Call `use()` before each use: it returns the model, on its device (read again from its file
+    if the cache was emptied since)."""
 
-    def __init__(self, manager: ModelManager, cache_key, model, module: nn.Module, load_device: torch.device):
-        self.model = model
-        self.module = module
-        self.load_device = load_device
-        self.size_bytes = _module_bytes(module)
+    def __init__(self, manager: ModelManager, cache_key, builder: Callable[[], object], load_device: torch.device,
+                 dtype):
+        self.model = None  # these four are filled by the manager, and emptied by `unload_all`
+        self.module: nn.Module | None = None
+        self.size_bytes = 0
         self.patcher = None  # ComfyUI's ModelPatcher, inside ComfyUI only
+        self.load_device = load_device
+        self.dtype_requested = dtype
+        self._builder = builder
         self._manager = manager
         self._cache_key = cache_key
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
 
     def use(self):
         return self._manager._use(self)
@@ -116,6 +131,8 @@ class ModelHandle:
     @property
     def device(self) -> torch.device:
         """Where the weights are now (normally `load_device`; the CPU under ComfyUI's --novram)."""
+        if self.module is None:
+            return self.load_device
         for tensor in self.module.parameters():
             return tensor.device
         for tensor in self.module.buffers():
@@ -124,13 +141,16 @@ class ModelHandle:
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.module is None:
+            return self.dtype_requested or torch.float32
         for tensor in self.module.parameters():
             if tensor.is_floating_point():
                 return tensor.dtype
         return torch.float32
 
     def __repr__(self):
-        return f"ModelHandle({_describe(self._cache_key[0])}, {self.size_bytes / 2**20:.1f} MiB, {self.load_device})"
+        state = f"{self.size_bytes / 2**20:.1f} MiB" if self.loaded else "unloaded"
+        return f"ModelHandle({_describe(self._cache_key[0])}, {state}, {self.load_device})"
 
 
 class ModelManager:
@@ -143,8 +163,12 @@ class ModelManager:
             budget_bytes = _parse_bytes(env) if env else DEFAULT_CACHE_BYTES
         self.budget_bytes = budget_bytes
         self.disk_loads = 0  # how many times a builder ran (read weights from disk)
-        self._handles: OrderedDict[Hashable, ModelHandle] = OrderedDict()
+        self._handles: OrderedDict[Hashable, ModelHandle] = OrderedDict()  # the cache, within the budget
+        # every handle still alive, in the cache or held elsewhere: found again by `load`, emptied by `unload_all`
+        self._alive: weakref.WeakValueDictionary[Hashable, ModelHandle] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
+        if self.in_comfyui:
+            _empty_on_comfyui_unload(self._comfy.model_management, self)
 
     @property
     def in_comfyui(self) -> bool:
@@ -153,7 +177,7 @@ class ModelManager:
     @property
     def cached_bytes(self) -> int:
         with self._lock:
-            return sum(handle.size_bytes for handle in self._handles.values())
+            return sum(handle.size_bytes for handle in self._handles.values() if handle.loaded)
 
     def load(self, key: Hashable, builder: Callable[[], object], device=None, dtype=None) -> ModelHandle:
         """The cached model for `key`, built by `builder()` the first time.
@@ -169,37 +193,47 @@ class ModelManager:
         dtype = None if dtype is None else self.get_dtype(dtype, device)
         cache_key = (key, str(device), str(dtype))
         with self._lock:
-            handle = self._handles.get(cache_key)
-            if handle is not None:
-                self._handles.move_to_end(cache_key)
-                return handle
-            handle = self._build(cache_key, builder, device, dtype)
-            self._handles[cache_key] = handle
-            if not self.in_comfyui:  # inside ComfyUI its own memory management decides what stays on the GPU
-                self._evict_over_budget(keep=cache_key)
+            handle = self._handles.get(cache_key) or self._alive.get(cache_key)
+            if handle is None:
+                handle = ModelHandle(self, cache_key, builder, device, dtype)
+                self._fill(handle)  # raises before the handle is stored: a failed load is never cached
+                self._alive[cache_key] = handle
+            elif not handle.loaded:  # emptied by `unload_all`
+                handle._builder = builder
+                self._fill(handle)
+            self._keep(handle)
             return handle
 
-    def _build(self, cache_key, builder, device: torch.device, dtype) -> ModelHandle:
-        log.info("HyperStyle: loading %s from disk", _describe(cache_key[0]))
+    def _keep(self, handle: ModelHandle) -> None:
+        """Put a loaded handle at the recent end of the cache, and make room under the budget."""
+        self._handles[handle._cache_key] = handle
+        self._handles.move_to_end(handle._cache_key)
+        self._evict_over_budget(keep=handle._cache_key)
+
+    def _fill(self, handle: ModelHandle) -> None:
+        """Run the handle's builder and put the result on its device; on any error the handle stays empty."""
+        log.info("HyperStyle: loading %s from disk", _describe(handle._cache_key[0]))
         self.disk_loads += 1
-        model = builder()
+        model = handle._builder()
         module = _as_module(model)
+        device, dtype = handle.load_device, handle.dtype_requested
         if dtype is not None:
             module.to(dtype=dtype)  # casts floating-point tensors only
-        handle = ModelHandle(self, cache_key, model, module, device)
+        patcher = None
         if self.in_comfyui:
             mm = self._comfy.model_management
             offload = mm.unet_offload_device() if device == mm.get_torch_device() else torch.device("cpu")
-            handle.patcher = self._comfy.model_patcher.ModelPatcher(module, load_device=device,
-                                                                    offload_device=offload)
+            patcher = self._comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
         else:
             module.to(device)
-        return handle
+        handle.model, handle.module, handle.patcher = model, module, patcher
+        handle.size_bytes = _module_bytes(module)
 
     def _use(self, handle: ModelHandle):
         with self._lock:
-            if handle._cache_key in self._handles:
-                self._handles.move_to_end(handle._cache_key)
+            if not handle.loaded:
+                self._fill(handle)
+            self._keep(handle)
         if handle.patcher is not None:
             # Full load: our modules are plain torch layers, which cannot run half on the GPU, half off it.
             self._comfy.model_management.load_models_gpu([handle.patcher], force_full_load=True)
@@ -216,6 +250,26 @@ class ModelManager:
             total -= dropped.size_bytes
             log.info("HyperStyle: dropping %s from the model cache (over the %.1f GiB budget)",
                      _describe(cache_key[0]), self.budget_bytes / 2**30)
+
+    def unload_all(self) -> int:
+        """Drop every cached model's weights (ComfyUI's "unload models" calls this); returns the bytes released.
+
+        Handles stay valid: the next `use()` (or `load()` of the same key) reads the file again.
+        """
+        with self._lock:
+            loaded = [handle for handle in self._alive.values() if handle.loaded]
+            released = sum(handle.size_bytes for handle in loaded)
+            for handle in loaded:
+                handle.model = handle.module = handle.patcher = None
+                handle.size_bytes = 0
+            self._handles.clear()
+        if loaded:
+            gc.collect()  # models with reference cycles would otherwise wait for the next collection
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            _return_freed_memory_to_the_os()
+            log.info("HyperStyle: unloaded %d model(s), %.1f MiB", len(loaded), released / 2**20)
+        return released
 
     def clear(self) -> None:
         """Forget every cached model (memory is freed once nothing else holds them)."""
@@ -285,6 +339,46 @@ class ModelManager:
                 return torch.float16
             return torch.float32  # Pascal and older: fp16 is slow
         return torch.float32  # MPS and others: correctness first
+
+
+def _empty_on_comfyui_unload(model_management, manager: ModelManager) -> None:
+    """Make ComfyUI's `unload_all_models` also call `manager.unload_all()`.
+
+    ComfyUI has no event for it, and on the CPU its own unload (moving models to the offload device) frees nothing, so
+    the function is wrapped, once per process; ComfyUI looks it up on the module at each call (main.py's /free
+    handling, execution.py), so every caller gets the wrapper. Our call comes after ComfyUI's, which has then already
+    taken our ModelPatchers out of its list of loaded models.
+    """
+    original = model_management.unload_all_models
+    managers = getattr(original, "hyperstyle_managers", None)
+    if managers is None:
+        managers = weakref.WeakSet()
+
+        @functools.wraps(original)
+        def unload_all_models(*args, **kwargs):
+            result = original(*args, **kwargs)
+            for each in list(managers):
+                each.unload_all()
+            return result
+
+        unload_all_models.hyperstyle_managers = managers
+        model_management.unload_all_models = unload_all_models
+    managers.add(manager)
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc keeps freed heap memory for reuse; give it back so the process's memory actually drops after an unload.
+
+    In a CPU ComfyUI server, unloading a 163 MiB model lowered the resident memory by 48 MiB without this, 448 MiB
+    with it (the rest is what loading the checkpoint had left on the heap).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
 
 
 def _mps_available() -> bool:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints as ckpts
+from . import image_checks
 from .cuda_graphs import GraphCache, WeightsWatch
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
@@ -82,6 +83,8 @@ class HyperStyleModel(nn.Module):
         offset = latent_avg if encoder_latent_avg is None else encoder_latent_avg
         self.register_buffer("encoder_latent_avg", _as_styles(offset, generator.n_styles))
         self.name = name
+        # the generator's weights fingerprint (checkpoints.weights_signature): codes and offsets fit only it
+        self.generator_signature = ""
         self._chunk_limit: Optional[int] = None  # largest chunk known to fit, after an out-of-memory retry
         self.cuda_graphs = True  # replay recorded CUDA graphs at inference (see cuda_graphs.py)
         self._graph_cache: Optional[GraphCache] = None
@@ -140,14 +143,14 @@ class HyperStyleModel(nn.Module):
     # ---- public API --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Initial-encoder codes [B, n_styles, style_dim] for [B, 3, H, W] images in [0, 1]."""
-        return self.encode_normalized(self.preprocess(images))
+        """Initial-encoder codes [B, n_styles, style_dim] for [B, 3, H, W] images in [0, 1] (or uint8)."""
+        return self.encode_normalized(self.preprocess(image_checks.rgb_bchw(images)))
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, n_iters: int = 5, codes: Optional[torch.Tensor] = None,
                deltas: Optional[Deltas] = None, keep_steps: bool = True,
                on_step: Optional[Callable[[int, int], None]] = None, max_batch: Optional[int] = None) -> Inversion:
-        """Invert face-aligned images [B, 3, H, W] in [0, 1] (resized to 256 inside).
+        """Invert face-aligned images [B, 3, H, W] in [0, 1] or uint8 (resized to 256 inside; see image_checks).
 
         codes/deltas: start from an earlier inversion (e.g. to refine further) instead of the initial encoder.
         A batch of 1 code/offset set broadcasts against B images. on_step(i, total) is called after each
@@ -156,8 +159,7 @@ class HyperStyleModel(nn.Module):
         retried in halves; every image's result is the same as running it alone. With several chunks the results
         are gathered on the device of `images`, so a large batch never needs all its results in GPU memory.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images as [B, 3, H, W] RGB in [0, 1], got shape {list(images.shape)}")
+        images = image_checks.rgb_bchw(images)  # once per call: dtype, range, finiteness, layout
         batch = images.shape[0]
         codes = None if codes is None else _match_batch(codes, batch, "codes")
         deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")
@@ -190,16 +192,13 @@ class HyperStyleModel(nn.Module):
 
         def run(start, end, chunk_index, n_chunks):
             chunk = codes[start:end].to(self.device, self.dtype)
-            chunk_deltas = slice_deltas(deltas, start, end)
-            chunk_deltas = None if chunk_deltas is None else [None if d is None else d.to(self.device)
-                                                              for d in chunk_deltas]
+            chunk_deltas = self._chunk_deltas(deltas, start, end)
             graphs = self._graphs() if generator is None and noise_mode == "const" else None
             if graphs is None:
                 return to_unit_range(self.synthesize(chunk, chunk_deltas, noise_mode, generator))
-            layers = tuple(i for i, d in enumerate(chunk_deltas or []) if d is not None)
-            inputs = [chunk] + [chunk_deltas[i].expand(chunk.shape[0], *chunk_deltas[i].shape[1:]) for i in layers]
+            layers, flat = self._flat_deltas(chunk_deltas, chunk.shape[0])
             decode = functools.partial(self._graphed_decode, layers)
-            return to_unit_range(graphs.run(("decode", layers), decode, inputs))
+            return to_unit_range(graphs.run(("decode", layers), decode, [chunk] + flat))
 
         return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False), codes.device))
 
@@ -209,6 +208,46 @@ class HyperStyleModel(nn.Module):
         from .optimize import optimize
 
         return optimize(self, images, codes, deltas, **options)
+
+    @torch.no_grad()
+    def stylespace(self, codes: torch.Tensor) -> list:
+        """StyleSpace S of W+ codes: every generator layer's style vector [B, in] (HyperStyle's layer numbering,
+        which is the official StyleSpace order: conv, toRGB, then per resolution upsampling conv, conv, toRGB).
+        Views of one tensor: edits make new tensors (`styleclip.edit_styles`), so nothing is copied here."""
+        return self.generator.styles(codes.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def decode_styles(self, styles, deltas: Optional[Deltas] = None, max_batch: Optional[int] = None) -> torch.Tensor:
+        """StyleSpace S (`stylespace`, possibly edited) + offsets -> [B, 3, R, R] in [0, 1]: the generator pass of
+        `decode` after its style step; unedited S gives decode's images bit for bit. Chunked like `decode`."""
+        self.generator.check_styles(styles)
+        batch = styles[0].shape[0]
+        deltas = None if deltas is None else [None if d is None else _match_batch(d, batch, "offsets")
+                                              for d in deltas]
+
+        def run(start, end, chunk_index, n_chunks):
+            chunk = [s[start:end].to(self.device, self.dtype) for s in styles]
+            chunk_deltas = self._chunk_deltas(deltas, start, end)
+            graphs = self._graphs()
+            if graphs is None:
+                return to_unit_range(self.generator.synthesis(chunk, chunk_deltas))
+            layers, flat = self._flat_deltas(chunk_deltas, end - start)
+            decode = functools.partial(self._graphed_style_decode, layers)
+            # the styles end to end: one input to copy into the graph instead of one per layer
+            return to_unit_range(graphs.run(("decode_styles", layers), decode, [torch.cat(chunk, dim=1)] + flat))
+
+        return torch.cat(self._in_chunks(batch, max_batch, run, self._bytes_per_image(inverting=False),
+                                         styles[0].device))
+
+    def _chunk_deltas(self, deltas: Optional[Deltas], start: int, end: int) -> Optional[Deltas]:
+        chunk_deltas = slice_deltas(deltas, start, end)
+        return None if chunk_deltas is None else [None if d is None else d.to(self.device) for d in chunk_deltas]
+
+    @staticmethod
+    def _flat_deltas(deltas: Optional[Deltas], batch: int) -> tuple:
+        """(layers with offsets, their offsets expanded to the batch): a graph's inputs."""
+        layers = tuple(i for i, d in enumerate(deltas or []) if d is not None)
+        return layers, [deltas[i].expand(batch, *deltas[i].shape[1:]) for i in layers]
 
     def _invert_chunk(self, images, n_iters, codes, deltas, keep_steps, on_step) -> Inversion:
         x = self.preprocess(images)
@@ -273,12 +312,19 @@ class HyperStyleModel(nn.Module):
                    for i, d in enumerate(deltas))
 
     def _graphed_decode(self, layers, codes, *flat):
-        deltas = None
-        if layers:
-            deltas = [None] * self.generator.n_layers
-            for layer, d in zip(layers, flat):
-                deltas[layer] = d
-        return self.synthesize(codes, deltas)
+        return self.synthesize(codes, self._unflat_deltas(layers, flat))
+
+    def _graphed_style_decode(self, layers, styles, *flat):
+        styles = list(styles.split(self.generator.style_widths(), dim=1))
+        return self.generator.synthesis(styles, self._unflat_deltas(layers, flat))
+
+    def _unflat_deltas(self, layers, flat) -> Optional[Deltas]:
+        if not layers:
+            return None
+        deltas = [None] * self.generator.n_layers
+        for layer, d in zip(layers, flat):
+            deltas[layer] = d
+        return deltas
 
     def _start(self, x):
         codes = self.encode_normalized(x)
@@ -401,9 +447,9 @@ def _match_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def build_generator(ckpt: ckpts.Checkpoint) -> Generator:
-    generator = Generator(ckpts.generator_config(ckpt.parts["decoder"]))
-    generator.load_state_dict(ckpt.parts["decoder"], strict=True)
-    return generator.eval()
+    with ckpts.contents_checked(ckpt):
+        generator = Generator(ckpts.generator_config(ckpt.parts["decoder"]))
+    return ckpts.load_weights(generator, ckpt, "decoder").eval()
 
 
 def _latent_avg(ckpt: ckpts.Checkpoint, generator: Generator) -> torch.Tensor:
@@ -430,8 +476,9 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
         raise ValueError("pass either w_encoder or e4e as the initial encoder, not both")
     main = ckpts.read_checkpoint(checkpoint).expect(ckpts.HYPERSTYLE, "the HyperStyle checkpoint")
     generator = build_generator(main)
-    hypernet = HyperNetwork(ckpts.hypernet_config(main, generator.config))
-    hypernet.load_state_dict(main.parts["hypernet"], strict=True)
+    with ckpts.contents_checked(main):
+        hypernet = HyperNetwork(ckpts.hypernet_config(main, generator.config))
+    ckpts.load_weights(hypernet, main, "hypernet")
 
     encoder, encoder_latent_avg = None, None
     if w_encoder is not None or e4e is not None:
@@ -439,12 +486,21 @@ def load_hyperstyle(checkpoint, w_encoder=None, e4e=None, device="cpu", dtype=to
                             else (ckpts.E4E, e4e, "the e4e encoder"))
         enc = ckpts.read_checkpoint(path).expect(kind, role)
         enc.expect_size(main.output_size, "an encoder", f"the HyperStyle checkpoint {main.name}")
-        encoder = build_encoder(ckpts.encoder_config(enc))
-        encoder.load_state_dict(enc.parts["encoder"], strict=True)
+        with ckpts.contents_checked(enc):
+            encoder_config = ckpts.encoder_config(enc)
+            encoder = build_encoder(encoder_config)
+        ckpts.load_weights(encoder, enc, "encoder")
+        if encoder_config.style_dim != generator.config.style_dim:  # else Encode fails with a raw size mismatch
+            raise ckpts.CheckpointError(
+                f"{role[0].upper() + role[1:]} {enc.name} makes {encoder_config.style_dim}-wide latent codes, but "
+                f"the generator of the HyperStyle checkpoint {main.name} takes {generator.config.style_dim}-wide "
+                f"codes: they belong to different models. Use the encoder trained with this checkpoint (faces_w_encoder or "
+                f"e4e_ffhq_encode for hyperstyle_ffhq).")
         if kind == ckpts.E4E and enc.latent_avg is not None:
             encoder_latent_avg = enc.latent_avg  # e4e was trained around its own average code
         # the W-encoder's codes are offsets from HyperStyle's latent_avg, as in the official code
 
     model = HyperStyleModel(generator, hypernet, _latent_avg(main, generator), encoder, encoder_latent_avg,
                             name=Path(checkpoint).name)
+    model.generator_signature = ckpts.weights_signature(main.parts["decoder"])
     return model.eval().to(device=device, dtype=dtype).channels_last_()

@@ -2,8 +2,10 @@
 
 ComfyUI's IMAGE is a float tensor [B, H, W, C] in [0, 1]; the engine works on [B, 3, H, W]. The values that flow
 between nodes are the small dataclasses below: a handle to a manager-owned model, latent codes and compact offsets,
-each tagged with the model they belong to. Codes and offsets live on the CPU between nodes (like IMAGE), so
-nothing stays on the GPU after a prompt except the models the manager keeps.
+each tagged with the model they belong to: its name (for messages) and its generator's signature (compared: codes
+and offsets fit only the generator they were made for; another HyperStyle file with the same generator may use
+them). Codes and offsets live on the CPU between nodes (like IMAGE), so nothing stays on the GPU after a prompt
+except the models the manager keeps.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import editing, inversion_io
-from .downloads import resolve
+from . import downloads, editing, image_checks, inversion_io, safe_paths, styleclip
 from .face_detect import FaceDetector, load_face_detector
 from .manager import file_identity, get_manager
 from .model import HyperStyleModel, load_generator, load_hyperstyle
@@ -35,6 +36,7 @@ class LoadedModel:
     resolution: int
     n_styles: int
     encoder_kind: Optional[str] = None
+    signature: str = ""  # the generator's weights fingerprint (HyperStyleModel.generator_signature)
 
     def use(self) -> HyperStyleModel:
         return self.handle.use()
@@ -46,6 +48,7 @@ class Latent:
 
     codes: torch.Tensor
     model_id: str
+    signature: str = ""  # of the model's generator; "" (unknown: older saved files) is not compared
 
     @property
     def batch(self) -> int:
@@ -58,6 +61,7 @@ class Offsets:
 
     deltas: list
     model_id: str
+    signature: str = ""  # as Latent.signature
 
     @property
     def batch(self) -> int:
@@ -80,25 +84,12 @@ class LoadedGenerator:
 def image_to_bchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] (C = 1, 2, 3 or 4) -> RGB [B, 3, H, W] float in [0, 1] on the CPU.
 
-    Grayscale is repeated to RGB; an alpha channel is ignored.
+    The values follow image_checks' policy (uint8 /255; floats finite and in [0, 1]); grayscale is repeated to RGB
+    and an alpha channel is ignored.
     """
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{what}: expected an IMAGE tensor, got {type(image).__name__}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{what}: expected an IMAGE of shape [batch, height, width, channels] with 1-4 channels, "
-                         f"got {list(image.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError(f"{what}: the image batch is empty")
-    x = image.detach().cpu()
-    x = x.float() / 255 if not x.is_floating_point() else x.float()
-    channels = x.shape[-1]
-    if channels in (1, 2):  # grayscale (+ alpha)
-        x = x[..., :1].expand(-1, -1, -1, 3)
-    elif channels == 4:  # RGBA: the alpha channel is dropped
-        x = x[..., :3]
-    return x.permute(0, 3, 1, 2).clamp(0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+    return image_checks.rgb_bhwc(image, what).permute(0, 3, 1, 2).contiguous()
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +105,11 @@ def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
+
+
+def resolve(name_or_path, kind: Optional[str] = None):
+    """`downloads.resolve`; while a node runs (safe_paths.confined), only files inside the models folders."""
+    return safe_paths.check_model_file(downloads.resolve(name_or_path, kind=kind), downloads.model_folders())
 
 
 def load_model(checkpoint: str, encoder: Optional[str] = None, precision: str = "auto",
@@ -143,7 +139,8 @@ def load_model(checkpoint: str, encoder: Optional[str] = None, precision: str = 
     handle = manager.load(key, build, device=torch_device, dtype=dtype)
     model = handle.model
     return LoadedModel(handle=handle, model_id=f"{main_path.name}:{main_path.stat().st_size}",
-                       resolution=model.resolution, n_styles=model.n_styles, encoder_kind=encoder_kind)
+                       resolution=model.resolution, n_styles=model.n_styles, encoder_kind=encoder_kind,
+                       signature=model.generator_signature)
 
 
 def load_domain_generator(name: str, device: str = "auto", precision: str = "auto") -> LoadedGenerator:
@@ -160,9 +157,9 @@ def load_detector(name: str = "retinaface_resnet50", device: str = "auto") -> Fa
     manager = get_manager()
     torch_device = manager.get_device(device)
     path = resolve(name, kind="face_detector")
-    network = "mobilenet0.25" if "mobilenet" in path.name.lower() else "resnet50"
-    handle = manager.load(("face_detector", file_identity(path), network),
-                          lambda: load_face_detector(path, network, device="cpu"), device=torch_device)
+    # the backbone is read from the file's keys, so a renamed file loads too
+    handle = manager.load(("face_detector", file_identity(path)),
+                          lambda: load_face_detector(path, "auto", device="cpu"), device=torch_device)
     handle.use()
     return handle.model
 
@@ -187,14 +184,25 @@ def _broadcast_batches(**batches: int) -> int:
     return n
 
 
+def _check_signature(model: LoadedModel, value, what: str, made_by: str) -> None:
+    """Codes and offsets fit only the generator they were made with (an unknown signature is not compared)."""
+    if value.signature and model.signature and value.signature != model.signature:
+        raise ValueError(f"{what.capitalize()} from {value.model_id} (generator {value.signature}) cannot be used with "
+                         f"{model.model_id} (generator {model.signature}): they fit only the generator they were made "
+                         f"with. Connect the {what} from this model's {made_by} (or Load Inversion of a file saved "
+                         f"with it), or load {value.model_id.rsplit(':', 1)[0]} in Load HyperStyle.")
+
+
 def _check_latent(model: LoadedModel, latent: Latent) -> None:
     if latent.codes.shape[1] != model.n_styles:
         raise ValueError(f"this latent has {latent.codes.shape[1]} style codes (from {latent.model_id}) but the "
                          f"model {model.model_id} is {model.resolution} px with {model.n_styles}; encode with the "
                          f"same model")
+    _check_signature(model, latent, "latent", "e4e Encode")
 
 
-def _check_offsets(model: HyperStyleModel, offsets: Offsets) -> None:
+def _check_offsets(loaded: LoadedModel, model: HyperStyleModel, offsets: Offsets) -> None:
+    _check_signature(loaded, offsets, "offsets", "HyperStyle Refine")
     shapes = model.generator.config.layer_shapes
     if len(offsets.deltas) != len(shapes):
         raise ValueError(f"these offsets have {len(offsets.deltas)} layers (from {offsets.model_id}) but the model "
@@ -214,7 +222,7 @@ def encode(model: LoadedModel, image: torch.Tensor) -> tuple:
     x = image_to_bchw(image)
     codes = hs.encode(x)
     recon = hs.decode(codes)
-    return Latent(codes.float().cpu(), model.model_id), bchw_to_image(recon)
+    return Latent(codes.float().cpu(), model.model_id, model.signature), bchw_to_image(recon)
 
 
 def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: int = 5,
@@ -224,12 +232,12 @@ def refine(model: LoadedModel, image: torch.Tensor, latent: Latent, iterations: 
     _check_latent(model, latent)
     x = image_to_bchw(image)
     if offsets is not None:
-        _check_offsets(hs, offsets)
+        _check_offsets(model, hs, offsets)
     _broadcast_batches(images=x.shape[0], latent=latent.batch, offsets=None if offsets is None else offsets.batch)
     deltas = None if offsets is None else [_on_model(hs, d) for d in offsets.deltas]
     inv = hs.invert(x, n_iters=iterations, codes=_on_model(hs, latent.codes), deltas=deltas, keep_steps=False,
                     on_step=on_step)
-    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id)
+    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id, model.signature)
     return out, bchw_to_image(inv.images)
 
 
@@ -247,7 +255,7 @@ def optimize(model: LoadedModel, image: torch.Tensor, latent: Latent, steps: int
     _check_latent(model, latent)
     x = image_to_bchw(image)
     if offsets is not None:
-        _check_offsets(hs, offsets)
+        _check_offsets(model, hs, offsets)
     batch = _broadcast_batches(images=x.shape[0], latent=latent.batch,
                                offsets=None if offsets is None else offsets.batch)
     if x.shape[0] != batch:
@@ -255,8 +263,8 @@ def optimize(model: LoadedModel, image: torch.Tensor, latent: Latent, steps: int
     deltas = None if offsets is None else [_on_model(hs, d) for d in offsets.deltas]
     inv = hs.optimize(x, _on_model(hs, latent.codes), deltas, steps=steps, lr=learning_rate, mse=mse, lpips=lpips,
                       id=identity, optimize_deltas=target == "codes + offsets", on_step=on_step)
-    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id)
-    return Latent(inv.codes.float().cpu(), model.model_id), out, bchw_to_image(inv.images)
+    out = Offsets([None if d is None else d.cpu() for d in inv.deltas], model.model_id, model.signature)
+    return Latent(inv.codes.float().cpu(), model.model_id, model.signature), out, bchw_to_image(inv.images)
 
 
 def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None, output_size: str = "native",
@@ -268,7 +276,7 @@ def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None
     codes = _on_model(hs, latent.codes).expand(batch, -1, -1)
     deltas = None
     if offsets is not None:
-        _check_offsets(hs, offsets)
+        _check_offsets(model, hs, offsets)
         deltas = [None if d is None else _on_model(hs, d).expand(batch, *d.shape[1:]) for d in offsets.deltas]
     other: Optional[Generator] = None
     if generator is not None:
@@ -335,7 +343,7 @@ def apply_edit(latent: Latent, direction: str, strength: float, layer_start: int
         edited = editing.apply_ganspace(codes, edit, ganspace_component, start, min(end, n_styles), strength)
     else:
         edited = editing.apply_direction(codes, edit, strength, (start, end))
-    return Latent(edited, latent.model_id)
+    return Latent(edited, latent.model_id, latent.signature)
 
 
 def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to: float, steps: int,
@@ -356,8 +364,64 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
         deltas = offsets.deltas
         if offsets.batch != latent.batch:  # one set of offsets for every latent
             deltas = [None if d is None else d.expand(latent.batch, *d.shape[1:]) for d in deltas]
-        swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id)
-    return Latent(edited, latent.model_id), swept
+        swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id, offsets.signature)
+    return Latent(edited, latent.model_id, latent.signature), swept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text edits (StyleCLIP global directions)
+
+
+def _text_encoder(clip_model: str, device) -> "styleclip.TextEncoder":
+    """CLIP's text tower from the shared manager (unloadable like the other models); it remembers each prompt
+    pair's features."""
+    folder = styleclip.clip_folder(clip_model)
+    weights = next((folder / f for f in styleclip.CLIP_WEIGHTS if (folder / f).is_file()), folder / "config.json")
+    key = ("styleclip_text", file_identity(weights))
+    return get_manager().load(key, lambda: styleclip.load_text_encoder(str(folder)), device=device,
+                              dtype=torch.float32).use()
+
+
+def _global_directions(hs: HyperStyleModel, files_dir) -> "styleclip.GlobalDirections":
+    fs3 = styleclip.find_file(styleclip.FS3_FILE, files_dir)
+    stats = styleclip.find_file(styleclip.S_STATS_FILE, files_dir)
+    key = ("styleclip_directions", file_identity(fs3), file_identity(stats), tuple(hs.generator.style_widths()))
+    return get_manager().load(key, lambda: styleclip.load_global_directions(hs.generator, files_dir),
+                              device=hs.device, dtype=torch.float32).use()
+
+
+def text_direction(model: LoadedModel, neutral_text: str, target_text: str, beta: float,
+                   clip_model: str = styleclip.CLIP_REPO, files_dir=None) -> list:
+    """ΔS (one tensor per generator layer) of a StyleCLIP global direction; CLIP's features cached per prompts."""
+    hs = model.use()
+    templates = styleclip.read_templates(styleclip.find_file(styleclip.TEMPLATES_FILE, files_dir))
+    directions = _global_directions(hs, files_dir)
+    delta_i = _text_encoder(clip_model, hs.device).delta_i(neutral_text, target_text, templates)
+    return directions.delta_s(delta_i, beta)
+
+
+def text_edit(model: LoadedModel, latent: Latent, neutral_text: str, target_text: str, alphas, beta: float,
+              offsets: Optional[Offsets] = None, output_size: str = "native", clip_model: str = styleclip.CLIP_REPO,
+              files_dir=None) -> torch.Tensor:
+    """StyleCLIP global direction for `neutral_text` -> `target_text`, applied in StyleSpace at every strength in
+    `alphas` (a number or a list), offsets kept -> IMAGE [len(alphas) * B, ...] (strength-major, as Edit Sweep)."""
+    alphas = [float(alphas)] if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
+    hs = model.use()
+    _check_latent(model, latent)
+    batch = _broadcast_batches(latent=latent.batch, offsets=None if offsets is None else offsets.batch)
+    delta_s = text_direction(model, neutral_text, target_text, beta, clip_model, files_dir)
+    styles = hs.stylespace(_on_model(hs, latent.codes).expand(batch, -1, -1))
+    edited = styleclip.edit_styles(styles, delta_s, alphas)
+    deltas = None
+    if offsets is not None:
+        _check_offsets(model, hs, offsets)
+        # strength-major like the styles; one set of offsets broadcasts as it is
+        deltas = [None if d is None else _on_model(hs, d) if d.shape[0] == 1 else
+                  _on_model(hs, d).repeat(len(alphas), *([1] * (d.ndim - 1))) for d in offsets.deltas]
+    images = hs.decode_styles(edited, deltas)
+    if output_size != "native":
+        images = resize_square(images, int(output_size))
+    return bchw_to_image(images)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,22 +429,31 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
 
 
 def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offsets] = None):
-    """Codes + offsets + model id -> `<folder>/<prefix>_00001.safetensors` (never overwrites)."""
-    from pathlib import Path
+    """Codes + offsets + model id -> `<folder>/<prefix>_00001.safetensors` (never overwrites).
+
+    The prefix must stay inside `folder` (as ComfyUI's own save nodes require): '../x' or '/abs/x' are refused.
+    """
     codes, deltas = latent.codes, []
     if offsets is not None:  # a file holds matching batches: expand a batch of 1 on either side
+        if latent.signature and offsets.signature and latent.signature != offsets.signature:
+            raise ValueError(f"the latent ({latent.model_id}, generator {latent.signature}) and the offsets "
+                             f"({offsets.model_id}, generator {offsets.signature}) come from different models; "
+                             f"save a latent and offsets made with the same model")
         batch = _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
         codes = codes.expand(batch, -1, -1)
         deltas = [None if d is None else d.expand(batch, *d.shape[1:]) for d in offsets.deltas]
-    target = Path(folder) / f"{prefix}.safetensors"
+    base = safe_paths.path_under(folder, prefix, "filename_prefix", "the output folder", "hyperstyle/inversion")
+    target = base.with_name(f"{base.name}.safetensors")
     target.parent.mkdir(parents=True, exist_ok=True)
-    return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False)
+    return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False,
+                                       signature=latent.signature or (offsets.signature if offsets else ""))
 
 
 def load_inversion(path) -> tuple:
     codes, deltas, meta = inversion_io.load_inversion(path)
-    model_id = meta.get("model_id", "")
-    return Latent(codes, model_id), (Offsets(deltas, model_id) if any(d is not None for d in deltas) else None)
+    model_id, signature = meta.get("model_id", ""), meta.get("generator_signature", "")
+    return Latent(codes, model_id, signature), (Offsets(deltas, model_id, signature)
+                                                if any(d is not None for d in deltas) else None)
 
 
 def saved_inversions(folder) -> list:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import warmup
+
 BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
 SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
@@ -315,8 +317,10 @@ def fused(fn):
             if state["compiled"] is None:
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
-                    print("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each batch size "
-                          "takes one to two minutes longer; HYPERSTYLE_COMPILE=0 turns this off)", flush=True)
+                    cache = warmup.use_persistent_cache()
+                    warmup.notice("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each "
+                                  "batch size and precision takes longer; HYPERSTYLE_COMPILE=0 turns this off)"
+                                  + (f"; kept in {cache}" if cache else ""))
                 _raise_recompile_limit()
                 state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
             try:
@@ -331,6 +335,10 @@ def fused(fn):
 
     wrapper.compiles = compiles
     return wrapper
+
+
+def compile_enabled() -> bool:
+    return _COMPILE["enabled"]
 
 
 def on_gpu(t: torch.Tensor) -> bool:
@@ -395,11 +403,49 @@ def _modulated(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: O
     return w
 
 
+def _factors(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
+             demodulate: bool) -> Optional[torch.Tensor]:
+    """fp32 factors f [B, O|1, C] with `_modulated` = W * f broadcast over the taps, or None where the offsets differ
+    between taps. The demodulation's sum over C and the taps is sum_c f^2 * sum_taps W^2, a sum over [B, O, C]: so
+    without torch.compile a per-sample weight is one multiply written in place instead of ~8 passes over all the
+    samples' weights."""
+    if delta is not None and delta.ndim == 5:
+        if delta.shape[-2:] != (1, 1):
+            return None
+        delta = delta.flatten(2)
+    f = style.float()[:, None, :] * scale
+    if delta is not None:
+        f = f * (1 + delta.float())
+    if demodulate:
+        taps_energy = weight[0].float().square().sum(dim=(2, 3))  # [O, C]
+        f = f * torch.rsqrt((f.square() * taps_energy).sum(dim=2, keepdim=True) + 1e-8)
+    return f
+
+
+def _scaled_into(out: torch.Tensor, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """out = weight * factors (broadcast), in out's dtype, in one pass (eager PyTorch would otherwise write the fp32
+    product and then copy it)."""
+    torch.mul(weight, factors, out=out)
+    return out
+
+
+def _eager_weights() -> bool:
+    """Whether the weight builders take the one-multiply path: eager inference. torch.compile fuses the plain formula
+    by itself (its graphs stay the ones measured), and autograd cannot go through an `out=` product (training)."""
+    return not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 @fused
 def modulated_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                      demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`:
     [B, O, C, k, k] laid out as [B, O, k, k, C]."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:
+        _, o, c, k, _ = weight.shape
+        out = channels_last_weight((style.shape[0], o, c, k, k), weight.device, dtype)
+        _scaled_into(out.permute(0, 1, 3, 4, 2), weight.permute(0, 1, 3, 4, 2), factors[:, :, None, None, :])
+        return out
     w = _modulated(weight, scale, style, delta, demodulate)
     batch, o, k, _, c = w.shape
     out = channels_last_weight((batch, o, c, k, k), w.device, dtype)
@@ -426,6 +472,12 @@ def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tenso
 def padded_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                 demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """`modulated_weight`'s kernels as [B, O, PADDED_TAPS, C]: the 9 taps, then zeros."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:
+        _, o, c, k, _ = weight.shape
+        taps = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(1, o, k * k, c), (0, 0, 0, PADDED_TAPS - k * k))
+        out = torch.empty(style.shape[0], o, PADDED_TAPS, c, device=weight.device, dtype=dtype)
+        return _scaled_into(out, taps, factors[:, :, None, :])
     w = _modulated(weight, scale, style, delta, demodulate)
     batch, o, k, _, c = w.shape
     return F.pad(w.reshape(batch, o, k * k, c), (0, 0, 0, PADDED_TAPS - k * k)).to(dtype)
@@ -449,6 +501,15 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     """`modulated_weight`'s 3x3 kernels as the stride-2 transposed convolution's kernels in phase form
     (`TRANSPOSED_TAPS` along each axis): [B, 4*O, C, 2, 2] laid out [B, 4*O, 2, 2, C], output channel
     (row parity, column parity, o)."""
+    factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
+    if factors is not None:  # the taps of the shared weight, then one multiply by the per-sample factors
+        _, o, c, _, _ = weight.shape
+        taps = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(o, 9, c), (0, 0, 0, 1))  # tap 9 is zero
+        phases = taps[:, _transposed_tap_index(weight.device)]  # [O, 4, 2, 2, C]
+        out = channels_last_weight((style.shape[0], 4 * o, c, 2, 2), weight.device, dtype)
+        _scaled_into(out.permute(0, 1, 3, 4, 2).view(-1, 4, o, 2, 2, c), phases.transpose(0, 1),
+                     factors[:, None, :, None, None, :])
+        return out
     w = _modulated(weight, scale, style, delta, demodulate)  # [B, O, 3, 3, C]
     zero = torch.zeros_like(w[:, :, 0, 0])
     blocks = [torch.stack([torch.stack([zero if r is None or s is None else w[:, :, r, s] for s in col_taps], dim=2)
@@ -459,6 +520,19 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     out = channels_last_weight((batch, n_out, c, kh, kw), w.device, dtype)
     out.permute(0, 1, 3, 4, 2).copy_(kernels)
     return out
+
+
+_TAP_INDEX: dict = {}
+
+
+def _transposed_tap_index(device: torch.device) -> torch.Tensor:
+    """[4, 2, 2] indices into a 3x3 kernel's 9 taps (9: the zero tap) giving `transposed_taps`' kernels. Kept per
+    device: made during a graph's warm-up, never copied from the host inside a recording."""
+    if device not in _TAP_INDEX:
+        index = [[[9 if r is None or s is None else 3 * r + s for s in col_taps] for r in row_taps]
+                 for row_taps in TRANSPOSED_TAPS for col_taps in TRANSPOSED_TAPS]
+        _TAP_INDEX[device] = torch.tensor(index, device=device)
+    return _TAP_INDEX[device]
 
 
 def blurred_phases(t: torch.Tensor, terms: tuple) -> torch.Tensor:
@@ -478,6 +552,16 @@ def blurred_phases(t: torch.Tensor, terms: tuple) -> torch.Tensor:
 @fused
 def _blurred_activation_into(out, t, terms, noise, noise_weight, bias):
     out.copy_(_noise_and_activation(blurred_phases(t, terms), noise, noise_weight, bias))
+
+
+def transposed_form_pays(x: torch.Tensor) -> bool:
+    """Whether small upsampling layers may run as the transposed form: only where torch.compile fuses its blur
+    epilogue, and not in strict fp32. Eagerly the epilogue is ~100 small kernels a layer (H100, eager, invert(5) +
+    decode in one process: tf32 batch 8 40.9 -> 33.0 ms/image, batch 1 63.9 -> 51.8; bf16 28.9 -> 22.3 and
+    49.9 -> 37.6 without it). With TF32 off, cuDNN picks an algorithm with a 65 GiB workspace for its 2x2
+    convolution at 64 px (batch 1, 15 ms a call)."""
+    strict_fp32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    return on_gpu(x) and _blurred_activation_into.compiles() and not strict_fp32
 
 
 @dataclass
@@ -567,7 +651,7 @@ class ModulatedConv2d(nn.Module):
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def upsample_plan(self, batch: int, height: int) -> tuple:
+    def upsample_plan(self, batch: int, height: int, transposed_pays: bool = True) -> tuple:
         """How an upsampling layer runs at this input size: "transposed", or the output row parities of each
         blur-folded phase convolution.
 
@@ -576,8 +660,9 @@ class ModulatedConv2d(nn.Module):
         weights and epilogue, batch 8: 8 -> 16 px 312 -> 227 us in bf16, 513 -> 390 in tf32). Above, the blur-folded
         phases, whose epilogue only interleaves: all four phases in one convolution, or one convolution per row
         parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow (batch 8, 256 px input:
-        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster)."""
-        if height <= TRANSPOSED_UP_TO:
+        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster). `transposed_pays`: see
+        `transposed_form_pays`."""
+        if transposed_pays and height <= TRANSPOSED_UP_TO:
             return "transposed"
         if batch > 1 and height >= SPLIT_ROW_PARITIES_FROM:
             return (0,), (1,)
@@ -606,7 +691,7 @@ class ModulatedConv2d(nn.Module):
             weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
-        plan = self.upsample_plan(batch, h)
+        plan = self.upsample_plan(batch, h, transposed_form_pays(x))
         if plan == "transposed":
             weight = transposed_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H+1, W+1], memory (H+1, W+1, B, 2, 2, O)
@@ -798,6 +883,13 @@ class Generator(nn.Module):
         if n_codes != self.n_styles or dim != self.style_dim:
             raise ValueError(f"this {self.size}-px generator takes codes of shape [B, {self.n_styles}, "
                              f"{self.style_dim}], got {list(codes.shape)}")
+        return self.synthesis(self.styles(codes.to(self.input.input.dtype)), deltas, noise_mode)
+
+    def synthesis(self, styles: Sequence[torch.Tensor], deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                  noise_mode: str = "const") -> torch.Tensor:
+        """StyleSpace S (every layer's modulation [B, in], `styles`, possibly edited) -> image, as `forward`."""
+        self.check_styles(styles)
+        batch = styles[0].shape[0]
         if deltas is None:
             deltas = [None] * self.n_layers
         elif len(deltas) != self.n_layers:
@@ -807,11 +899,7 @@ class Generator(nn.Module):
             if d is not None and d.shape[0] not in (1, batch):
                 raise ValueError(f"weight offsets for layer {layer} have batch {d.shape[0]} but the codes have batch "
                                  f"{batch}; pass offsets with batch {batch} or 1")
-        noises = self._noises(batch, noise_mode, codes)
-        dtype = self.input.input.dtype
-        codes = codes.to(dtype)
-
-        styles = self.styles(codes)
+        noises = self._noises(batch, noise_mode, styles[0])
         out = self.conv1(pack(self.input(batch)), styles[0], noises[0], deltas[0])
         skip = self.to_rgb1(out, styles[1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
@@ -837,6 +925,20 @@ class Generator(nn.Module):
             styles.append(every[:, style_index(layer), start:start + width])
             start += width
         return styles
+
+    def style_widths(self) -> list:
+        """The width of every layer's style vector (its input channels), in HyperStyle's layer numbering."""
+        return [conv.in_channel for conv in self.layer_convs()]
+
+    def check_styles(self, styles: Sequence[torch.Tensor]) -> None:
+        widths = self.style_widths()
+        if len(styles) != len(widths):
+            raise ValueError(f"this {self.size}-px generator takes {len(widths)} style vectors (one per layer), "
+                             f"got {len(styles)}")
+        batch = styles[0].shape[0]
+        for layer, (s, width) in enumerate(zip(styles, widths)):
+            if s.ndim != 2 or s.shape != (batch, width):
+                raise ValueError(f"style vector {layer} should have shape [{batch}, {width}], got {list(s.shape)}")
 
     def _noises(self, batch: int, mode: str, like: torch.Tensor) -> list:
         stored = [getattr(self.noises, f"noise_{i}") for i in range(self.config.n_noises)]

@@ -65,14 +65,15 @@ def _state(prefix: str, module: nn.Module) -> dict:
 
 
 def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tune: str = TINY_LAYERS_TO_TUNE,
-                           separable: bool = False) -> dict:
+                           separable: bool = False, narrow: float = 1 / 16) -> dict:
     """Write hyperstyle.pt, w_encoder.pt, e4e.pt and generator.pt (released formats) into `folder`.
 
+    `narrow` scales the generator's channels (1: StyleGAN2's full width, for tests that need a model of some size).
     Returns {'hyperstyle': path, 'w_encoder': path, 'e4e': path, 'generator': path}.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    gen_config = tiny_generator_config(size)
+    gen_config = tiny_generator_config(size, narrow)
     generator = make_generator(gen_config, seed)
     latent_avg = generator.mean_latent(2000).repeat(gen_config.n_styles, 1)
     rng = torch.Generator().manual_seed(seed + 1)
@@ -95,3 +96,57 @@ def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tun
                          "device": "cpu", "dataset_type": "ffhq_encode"}}, paths["e4e"])
     torch.save({"g_ema": generator.state_dict(), "latent_avg": latent_avg[0]}, paths["generator"])
     return paths
+
+
+def write_tiny_clip(folder, seed: int = 0, projection_dim: int = 16) -> Path:
+    """A tiny random CLIP text tower (transformers format) with a byte-level tokenizer (no merges): what
+    `styleclip.load_text_encoder(folder)` reads, for tests without the 600 MB download."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # byte-level BPE's alphabet: printable bytes stand for themselves, the others for the code points from 256 on
+    printable = [b for b in range(256) if chr(b).isprintable() and b != 32 and not 127 <= b <= 160 and b != 173]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>",
+                                                                                   "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(seed)
+    CLIPTextModelWithProjection(config).save_pretrained(str(folder))
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(str(folder))
+    return folder
+
+
+def write_tiny_styleclip_files(folder, generator: Generator, clip_dim: int = 16, seed: int = 0) -> Path:
+    """Synthetic fs3.npy, S_mean_std (the official pickle layout: ([mean [1, width]], [std [1, width]])) and
+    templates.txt for `generator`."""
+    import pickle
+
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    widths = generator.style_widths()
+    channels = sum(w for layer, w in enumerate(widths) if layer not in generator.config.to_rgb_layers)
+    fs3 = rng.standard_normal((channels, clip_dim)).astype(np.float32)
+    # rows of norm 0.28: relevances to a unit text direction stay below 0.28, as the official ones stay small, so
+    # the node's largest β (0.3) keeps no channel and its default (0.13) keeps a few percent
+    np.save(folder / "fs3.npy", 0.28 * fs3 / np.linalg.norm(fs3, axis=1, keepdims=True))
+    means = [rng.standard_normal((1, w)).astype(np.float32) for w in widths]
+    stds = [rng.uniform(0.1, 0.5, (1, w)).astype(np.float32) for w in widths]
+    with open(folder / "S_mean_std", "wb") as f:
+        pickle.dump([means, stds], f, protocol=3)
+    (folder / "templates.txt").write_text("a photo of a {}.\na bad photo of the {}.\nart of a {}.\n",
+                                          encoding="utf-8")
+    return folder

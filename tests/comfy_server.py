@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,22 @@ class ComfyServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 60) -> list:
+        """The first `count` matches of a regular expression in the server's log, once there are that many."""
+        deadline = time.time() + timeout
+        while True:
+            found = re.findall(pattern, self.log())
+            if len(found) >= count:
+                return found
+            if time.time() > deadline:
+                raise TimeoutError(f"{pattern!r} did not appear {count} time(s) in {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (Linux: VmRSS in /proc)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as response:

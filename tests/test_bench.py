@@ -221,3 +221,69 @@ def test_chunk_check_runs_only_the_modes_asked_for(tmp_path):
     assert [r["mode"] for r in rows if r["kind"] == "chunked"] == ["auto"]
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--chunk-modes", "auto,sometimes"])
+
+
+def test_fresh_process_plan_isolates_each_shape_and_reuses_its_cache(tmp_path):
+    """--fresh-process: per path, precision and batch a new process with an empty compile cache of its own, then one
+    with the cache that run left (the default path only: without compiling there is no cache to warm)."""
+    bench = load_bench()
+    args = types.SimpleNamespace(device="cuda", size=1024, iters=5, tiny=False, graphs=True, paths=["default", "no-compile"],
+                                 precisions=["tf32", "bf16"], batches=[1, 8])
+    runs = bench.fresh_process_runs(args, tmp_path)
+    assert len(runs) == 2 * 2 * 3  # 4 shapes x (empty + warm) on the default path, 4 x once without compiling
+    by_shape = {}
+    for fields, env, argv in runs:
+        precision, batch = argv[argv.index("--precisions") + 1], int(argv[argv.index("--batches") + 1])
+        assert "--first-call-only" in argv
+        assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+        assert env["TRITON_CACHE_DIR"].startswith(str(tmp_path))
+        assert (env.get("HYPERSTYLE_COMPILE") == "0") == (fields["path"] == "no-compile")
+        by_shape.setdefault((fields["path"], precision, batch), []).append((fields["cache"], env["TORCHINDUCTOR_CACHE_DIR"]))
+    assert len(by_shape) == 8
+    for (path, _, _), caches in by_shape.items():
+        assert [c for c, _ in caches] == (["empty", "warm"] if path == "default" else ["none"])
+        assert len({folder for _, folder in caches}) == 1  # the warm run reads what the empty one wrote
+    folders = {caches[0][1] for caches in by_shape.values()}
+    assert len(folders) == 8  # no shape starts with another shape's kernels
+
+
+def test_fresh_process_reports_each_child_and_its_failures(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "rows.jsonl"
+    calls = []
+
+    def fake_child(argv, env):
+        calls.append(env.get("HYPERSTYLE_COMPILE"))
+        if len(calls) == 2:
+            return [{"kind": "error", "returncode": 1, "stderr": "boom"}]
+        return [{"kind": "env"}, {"kind": "first_call", "gpu": "x", "batch": 1, "precision": "bf16",
+                                  "first_call_s": 1.5}]
+
+    ns = types.SimpleNamespace(device="cpu", size=32, iters=1, tiny=True, graphs=True, paths=["default", "no-compile"],
+                               precisions=["bf16"], batches=[1])
+    report = bench.Report(str(out), {"gpu": "cpu"})
+    bench.fresh_process(ns, report, runner=fake_child)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert calls == [None, None, "0"]
+    assert [(r["kind"], r["path"], r["cache"]) for r in rows] == [
+        ("first_call", "default", "empty"), ("error", "default", "warm"), ("first_call", "no-compile", "none")]
+    assert rows[0]["first_call_s"] == 1.5 and rows[0]["gpu"] == "cpu" and rows[0]["process_s"] >= 0
+
+
+def test_first_call_child_reports_one_line_per_shape(tmp_path, monkeypatch):
+    """What a --fresh-process child runs (here in this process, on the CPU): one first_call line per shape; the
+    HYPERSTYLE_COMPILE setting is left alone unless --no-compile is given."""
+    bench = load_bench()
+    seen = []
+    monkeypatch.setattr(bench, "set_compile", lambda enabled: seen.append(enabled))
+    rows = bench.main(["--device", "cpu", "--tiny", "--size", "32", "--iters", "1", "--first-call-only",
+                       "--precisions", "fp32", "--batches", "1,2", "--table"])
+    first = [r for r in rows if r["kind"] == "first_call"]
+    assert [(r["batch"], r["precision"]) for r in first] == [(1, "fp32"), (2, "fp32")]
+    assert all(r["first_call_s"] > 0 and r["second_call_ms_per_image"] > 0 for r in first)
+    assert seen == []
+    bench.main(["--device", "cpu", "--tiny", "--size", "32", "--iters", "1", "--first-call-only", "--no-compile",
+                "--precisions", "fp32", "--batches", "1"])
+    assert seen == [False]
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--fresh-process", "--paths", "default,turbo"])

@@ -164,3 +164,117 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not one written by hyperstyle-nodes"):
         read_checkpoint(tmp_path / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readable files with wrong contents: a CheckpointError naming the file and what is wrong (before: raw
+# RuntimeError / KeyError / JSONDecodeError / ValueError, or NaN images for NaN weights)
+
+
+def _edited(source, tmp_path, name, edit):
+    raw = torch.load(source, weights_only=True)
+    edit(raw)
+    torch.save(raw, tmp_path / name)
+    return tmp_path / name
+
+
+def _load_pair(tiny_ckpts, hyperstyle=None, w_encoder=None):
+    return load_hyperstyle(hyperstyle or tiny_ckpts["hyperstyle"], w_encoder=w_encoder or tiny_ckpts["w_encoder"])
+
+
+def test_transposed_tensor_is_named(tiny_ckpts, tmp_path):
+    key = "encoder.linear.weight"  # [64, 128]: the transposed [128, 64] makes a 128-wide encoder that cannot fit
+
+    def transpose(raw):
+        raw["state_dict"][key] = raw["state_dict"][key].t().contiguous()
+    bad = _edited(tiny_ckpts["w_encoder"], tmp_path, "transposed.pt", transpose)
+    with pytest.raises(CheckpointError, match=r"transposed.pt: its encoder weights do not fit .*'linear.weight' is "
+                                              r"\[128, 64\], expected \[128, 128\]"):
+        _load_pair(tiny_ckpts, w_encoder=bad)
+
+
+def test_wrong_shaped_tensor_is_named(tiny_ckpts, tmp_path):
+    def shrink(raw):
+        raw["state_dict"]["hypernet.refinement_blocks.15.convs.0.weight"] = torch.zeros(3, 3)
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "shrunk.pt", shrink)
+    with pytest.raises(CheckpointError, match=r"shrunk.pt: its hypernet weights do not fit .*1 of wrong shape "
+                                              r"\('refinement_blocks.15.convs.0.weight' is \[3, 3\], expected"):
+        _load_pair(tiny_ckpts, hyperstyle=bad)
+
+
+@pytest.mark.parametrize("key", ["decoder.convs.3.conv.weight", "decoder.conv1.conv.weight",
+                                 "hypernet.shared_weight_hypernet.w1", "hypernet.conv1.weight"])
+def test_missing_tensor_is_named(tiny_ckpts, tmp_path, key):
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "missing.pt", lambda raw: raw["state_dict"].pop(key))
+    with pytest.raises(CheckpointError, match=r"missing.pt: .*" + key.split(".", 1)[1].replace(".", r"\.")):
+        _load_pair(tiny_ckpts, hyperstyle=bad)
+
+
+def test_missing_encoder_tensor_is_named(tiny_ckpts, tmp_path):
+    bad = _edited(tiny_ckpts["w_encoder"], tmp_path, "enc.pt", lambda raw: raw["state_dict"].pop(
+        "encoder.input_layer.0.weight"))
+    with pytest.raises(CheckpointError, match=r"enc.pt: the tensor or option 'input_layer.0.weight' is missing"):
+        _load_pair(tiny_ckpts, w_encoder=bad)
+
+
+@pytest.mark.parametrize("value", ["big", [128], "12.5"])
+def test_non_numeric_size_option_is_named(tiny_ckpts, tmp_path, value):
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "opts.pt", lambda raw: raw["opts"].update(output_size=value))
+    with pytest.raises(CheckpointError, match=r"opts.pt: its option output_size/stylegan_size is .* not a whole"):
+        read_checkpoint(bad)
+
+
+def test_opts_of_the_wrong_type_are_named(tiny_ckpts, tmp_path):
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "opts.pt", lambda raw: raw.update(opts=[1, 2]))
+    with pytest.raises(CheckpointError, match=r"opts.pt: its 'opts' are a list"):
+        read_checkpoint(bad)
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "layers.pt",
+                  lambda raw: raw["opts"].update(layers_to_tune="0,two,3"))
+    with pytest.raises(CheckpointError, match=r"layers.pt: its tensors or options do not describe a model"):
+        _load_pair(tiny_ckpts, hyperstyle=bad)
+
+
+def test_safetensors_opts_that_are_not_json(tiny_ckpts, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good.safetensors"
+    assert convert.main([str(tiny_ckpts["w_encoder"]), str(good)]) == 0
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(good)), str(tmp_path / "bad.safetensors"), metadata={**metadata, "opts": "{not json"})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: its 'opts' metadata is not valid JSON"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+    save_file(load_file(str(good)), str(tmp_path / "list.safetensors"), metadata={**metadata, "opts": "[1]"})
+    with pytest.raises(CheckpointError, match=r"list.safetensors: its 'opts' are a list"):
+        read_checkpoint(tmp_path / "list.safetensors")
+
+
+@pytest.mark.parametrize("source,key,what", [
+    ("hyperstyle", "hypernet.refinement_blocks.5.convs.0.weight", "hypernet"),
+    ("hyperstyle", "decoder.convs.2.conv.weight", "generator"),
+    ("w_encoder", "encoder.body.0.res_layer.1.weight", "encoder"),
+])
+def test_nan_weights_are_refused_at_load(tiny_ckpts, tmp_path, source, key, what):
+    def poison(raw):
+        raw["state_dict"][key] = raw["state_dict"][key].clone()
+        raw["state_dict"][key].view(-1)[7] = float("nan")
+    bad = _edited(tiny_ckpts[source], tmp_path, "nan.pt", poison)
+    with pytest.raises(CheckpointError, match=rf"nan.pt: 1 of its {what} tensors contain NaN or infinite values "
+                                              rf"\('{key.split('.', 1)[1]}'\)"):
+        _load_pair(tiny_ckpts, **{source: bad})
+
+
+def test_nan_generator_and_latent_avg_are_refused(tiny_ckpts, tmp_path):
+    def poison(raw):
+        raw["g_ema"]["to_rgbs.0.bias"] = torch.full_like(raw["g_ema"]["to_rgbs.0.bias"], float("inf"))
+    with pytest.raises(CheckpointError, match=r"gen.pt: 1 of its generator tensors contain NaN"):
+        load_generator(_edited(tiny_ckpts["generator"], tmp_path, "gen.pt", poison))
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "avg.pt", lambda raw: raw["latent_avg"].view(-1).__setitem__(
+        0, float("nan")))
+    with pytest.raises(CheckpointError, match=r"avg.pt: 'latent_avg' contains NaN"):
+        read_checkpoint(bad)
+    bad = _edited(tiny_ckpts["hyperstyle"], tmp_path, "avg.pt", lambda raw: raw.update(latent_avg=torch.zeros(5, 64)))
+    with pytest.raises(CheckpointError, match=r"avg.pt: 'latent_avg' has shape \[5, 64\], expected \[D\], \[1, D\] "
+                                              r"or \[12, D\]"):
+        read_checkpoint(bad)

@@ -8,6 +8,7 @@ models/hyperstyle/, then drives it through its HTTP API like a user queuing prom
 import json
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from PIL import Image
 
 from comfy_server import REPO_ROOT, ComfyServer, comfyui_dir
 from conftest import _assets_root
+from hyperstyle_nodes.tiny import write_tiny_checkpoints
 
 ASSETS = _assets_root()
 
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR t
 WORKFLOWS = REPO_ROOT / "example_workflows"
 NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode", "HyperStyleAlignFace",
             "HyperStylePasteBack", "HyperStyleApplyEdit", "HyperStyleEditSweep", "HyperStyleLoadGenerator",
-            "HyperStyleSaveInversion", "HyperStyleLoadInversion", "HyperStyleOptimize"]
+            "HyperStyleSaveInversion", "HyperStyleLoadInversion", "HyperStyleTextEdit", "HyperStyleTextEditSweep",
+            "HyperStyleOptimize"]
 TINY = {"hyperstyle_ffhq": "tiny_hyperstyle.pt", "faces_w_encoder": "tiny_w_encoder.pt",
         "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt",
         "retinaface_resnet50": "retinaface_mobilenet0.25.pth",
@@ -50,11 +53,26 @@ def server(tmp_path_factory, tiny_ckpts):
     models = base / "models" / "hyperstyle"
     (models / "directions").mkdir()
     torch.save(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), models / "directions" / "tiny_age.pt")
+    # full-width channels: a model big enough (~150 MiB) that freeing it shows in the server's memory
+    write_tiny_checkpoints(models / "wide", size=128, narrow=1.0)
+    _add_text_edit_files(models, tiny_ckpts["generator"])
     if ASSETS.is_dir():  # the full edit workflow needs a real photo and real detector weights
         shutil.copy(ASSETS / "models/retinaface/retinaface_mobilenet0.25.pth", models)
         shutil.copy(ASSETS / "testdata/faces/portrait_b.jpg", base / "input" / "photo.png")
     with srv:
         yield srv
+
+
+def _add_text_edit_files(models, generator_file):
+    """A tiny CLIP under the default CLIP's folder name and synthetic StyleCLIP files for the tiny generator."""
+    try:
+        from hyperstyle_nodes.model import load_generator
+        from hyperstyle_nodes.tiny import write_tiny_clip, write_tiny_styleclip_files
+
+        write_tiny_clip(models / "clip-vit-base-patch32")
+    except ImportError:  # no transformers: the text edit test skips
+        return
+    write_tiny_styleclip_files(models / "styleclip", load_generator(generator_file))
 
 
 def disk_loads(server) -> int:
@@ -107,33 +125,111 @@ def test_full_edit_workflow(server, assets_dir):
     print(f"edited photo: {path}")
 
 
-def test_model_stays_resident_and_unload_releases_it(server):
+def encode_decode_only(size="native", checkpoint=None, encoder=None):
+    """Encode -> decode (no refine) -> save: another graph on the same loader."""
+    prompt = load_workflow("invert_reconstruct_api.json")
+    del prompt["4"], prompt["7"]
+    prompt["5"]["inputs"].pop("deltas")
+    prompt["5"]["inputs"]["output_size"] = size
+    if checkpoint:
+        prompt["2"]["inputs"].update(checkpoint=checkpoint, initial_encoder=encoder)
+    return prompt
+
+
+def test_text_edit_workflow(server, assets_dir):
+    """load image -> align -> encode -> refine -> Text Edit (StyleCLIP) -> paste back -> save; then bad prompts."""
+    pytest.importorskip("transformers")
+    entry = server.run_prompt(load_workflow("text_edit_photo_api.json"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["8"]["images"][0]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    assert path.is_file() and Image.open(path).size == Image.open(server.base / "input" / "photo.png").size
+    for inputs, message in (({"neutral_text": ""}, "the neutral text is empty"),
+                            ({"target_text": "curly " * 20}, "too long for CLIP"),
+                            ({"beta": 0.3, "target_text": "x"}, "no channel passes β=0.3")):
+        prompt = load_workflow("text_edit_photo_api.json")
+        prompt["6"]["inputs"].update(inputs)
+        error = error_of(server.run_prompt(prompt))
+        assert message in error["exception_message"], error["exception_message"]
+
+
+def test_model_stays_resident_between_prompts(server):
     before = disk_loads(server)
     server.run_prompt(load_workflow("invert_reconstruct_api.json"))  # make sure it is loaded
     loads_after_first = disk_loads(server)
     assert loads_after_first - before <= 1
-
-    def decode_only(size):  # a different graph on the same checkpoint: encode -> decode (no refine) -> save
-        prompt = load_workflow("invert_reconstruct_api.json")
-        del prompt["4"], prompt["7"]
-        prompt["5"]["inputs"].pop("deltas")
-        prompt["5"]["inputs"]["output_size"] = size
-        return prompt
-
-    entry = server.run_prompt(decode_only("256"))
+    entry = server.run_prompt(encode_decode_only("256"))
     assert entry["status"]["status_str"] == "success" and entry["outputs"]["6"]["images"]
-    # the same graph again after dropping ComfyUI's output cache (free_memory also unloads models)
-    server.post("/free", {"free_memory": True})
-    assert server.run_prompt(load_workflow("invert_reconstruct_api.json"))["status"]["status_str"] == "success"
     assert disk_loads(server) == loads_after_first, "the checkpoint was read from disk again while resident"
-    # unload models: ComfyUI moves it off its device; the next prompt loads it again (from memory, not disk)
-    requested = server.log().count("Requested to load HyperStyleModel")
-    server.post("/free", {"unload_models": True})
-    assert server.run_prompt(decode_only("512"))["status"]["status_str"] == "success"
-    assert server.log().count("Requested to load HyperStyleModel") == requested + 1
-    assert disk_loads(server) == loads_after_first
-    print(f"disk loads: {disk_loads(server)}; 'Requested to load HyperStyleModel': "
-          f"{server.log().count('Requested to load HyperStyleModel')}")
+
+
+UNLOADED = r"HyperStyle: unloaded \d+ model\(s\), ([\d.]+) MiB"
+
+
+def free_models(server, count: int) -> list:
+    """POST /free {"unload_models": true}; the amounts released that the log reports, once there are `count`.
+
+    ComfyUI's worker misses a /free that arrives while it finishes a prompt (the flag's notify comes before its next
+    wait, which then lasts up to 1000 s), so the request is repeated if nothing happens.
+    """
+    for attempt in range(3):
+        server.post("/free", {"unload_models": True})
+        try:
+            return server.wait_for_log(UNLOADED, count=count, timeout=10)
+        except TimeoutError:
+            if attempt == 2:
+                raise
+
+
+def test_unload_frees_the_models_memory_and_the_next_prompt_reloads_it(server):
+    """POST /free {"unload_models": true}: on the CPU ComfyUI's own unload moves nothing, so the pack drops the
+    weights; the server's resident memory falls by at least the model's size, and the next prompt reads it again."""
+    prompt = encode_decode_only(checkpoint="wide/hyperstyle.pt", encoder="wide/w_encoder.pt")
+    assert server.run_prompt(prompt)["status"]["status_str"] == "success"
+    loads = disk_loads(server)
+    requested = server.log().count("Requested to load")
+    unloads = len(re.findall(UNLOADED, server.log()))
+    loaded_rss = server.rss_bytes()
+
+    released_mib = float(free_models(server, count=unloads + 1)[-1])
+    time.sleep(1)  # ComfyUI's own clean-up after the flag (gc) runs right after ours
+    freed = loaded_rss - server.rss_bytes()
+    print(f"unload: the pack released {released_mib:.1f} MiB; the server's RSS fell by {freed / 2**20:.1f} MiB "
+          f"({loaded_rss / 2**20:.0f} -> {(loaded_rss - freed) / 2**20:.0f} MiB)")
+    assert released_mib >= 150, "the wide model (and whatever else was cached) should have been released"
+    assert freed >= released_mib * 2**20, "the process kept the memory of the released models"
+
+    # the next prompt (ComfyUI reuses its cached loader and encoder outputs; Decode runs) reads the checkpoint again
+    prompt["5"]["inputs"]["output_size"] = "256"
+    assert server.run_prompt(prompt)["status"]["status_str"] == "success"
+    assert disk_loads(server) == loads + 1
+    assert server.log().count("Requested to load") > requested
+    assert server.rss_bytes() - (loaded_rss - freed) >= 0.5 * released_mib * 2**20, "the model is back in memory"
+
+
+def test_save_inversion_refuses_paths_outside_the_output_folder(server):
+    outside = [server.base / "escaped", server.base / "escaped_abs"]
+    for prefix in ("../escaped/inversion", str(outside[1] / "inversion"), "hyperstyle/../../escaped/x"):
+        prompt = encode_decode_only()
+        del prompt["5"], prompt["6"]
+        prompt["8"] = {"class_type": "HyperStyleSaveInversion",
+                       "inputs": {"latent": ["3", 0], "filename_prefix": prefix}}
+        err = error_of(server.run_prompt(prompt))
+        assert err["node_type"] == "HyperStyleSaveInversion" and err["exception_type"].endswith("UnsafePathError")
+        assert f"filename_prefix {prefix!r} is refused: it points outside the output folder" in err["exception_message"]
+    assert not any(folder.exists() for folder in outside), "a folder was created outside output/"
+    assert not list(server.base.rglob("x.safetensors")) and not list(server.base.rglob("inversion*.safetensors"))
+
+    prompt["8"]["inputs"]["filename_prefix"] = "hyperstyle/inside"
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success"
+    assert (server.base / "output" / "hyperstyle" / "inside.safetensors").is_file()
+
+    # Load Inversion: a name outside the list of saved inversions is refused before anything runs
+    load = {"1": {"class_type": "HyperStyleLoadInversion", "inputs": {"inversion": "../../user/comfy.settings.json"}},
+            "2": {"class_type": "HyperStyleSaveInversion", "inputs": {"latent": ["1", 0], "filename_prefix": "again"}}}
+    with pytest.raises(RuntimeError, match="value_not_in_list"):
+        server.run_prompt(load)
 
 
 def test_wrong_checkpoint_kind_is_a_clear_execution_error(server):

@@ -616,7 +616,7 @@ def test_real_registry_has_the_released_weights():
     assert set(registry) == {
         "hyperstyle_ffhq", "faces_w_encoder", "e4e_ffhq_encode", "stylegan2-ffhq-config-f", "retinaface_resnet50",
         "retinaface_mobilenet0.25", "stylegan_nada_pixar", "stylegan_nada_sketch", "stylegan_nada_disney_princess",
-        "interfacegan_age", "interfacegan_smile", "interfacegan_pose", "ganspace_ffhq_pca"}
+        "interfacegan_age", "interfacegan_smile", "interfacegan_pose", "ganspace_ffhq_pca", "dlib_shape_predictor_68"}
     hyperstyle = registry["hyperstyle_ffhq"]
     assert (hyperstyle.repo_id, hyperstyle.filename, hyperstyle.repo_type, hyperstyle.size, hyperstyle.kind) == (
         "trysem/DualStyleGANplus", "models/hyperstyle/hyperstyle_ffhq.pt", "model", 1_440_969_951, "hyperstyle")

@@ -274,3 +274,31 @@ def test_list_direction_files(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert list_direction_files(tmp_path) == ["Age.pth", "b.npy", "c.safetensors", "smile.pt", "sub/pose.pt"]
     assert list_direction_files(tmp_path / "missing") == []
+
+
+def test_a_checkpoint_is_refused_as_a_direction(tiny_ckpts, tmp_path):
+    """Before: a checkpoint's only top-level tensor, latent_avg, was taken as the direction."""
+    from hyperstyle_nodes import convert, ops
+
+    for name in ("hyperstyle", "generator"):
+        with pytest.raises(ValueError, match=rf"{name}.pt: this is a model checkpoint \(it holds .*'latent_avg'\), "
+                                             r"not an edit direction"):
+            load_direction(tiny_ckpts[name], n_styles=12, style_dim=64)
+        # the node path tries GANSpace next and still reports the direction's message
+        with pytest.raises(ValueError, match="not an edit direction"):
+            ops.load_edit(str(tiny_ckpts[name]), 12, 64)
+    torch.save({"latent_avg": torch.zeros(64)}, tmp_path / "avg.pt")
+    with pytest.raises(ValueError, match="avg.pt: this is a model checkpoint"):
+        load_direction(tmp_path / "avg.pt", n_styles=12, style_dim=64)
+    assert convert.main([str(tiny_ckpts["generator"]), str(tmp_path / "gen.safetensors")]) == 0
+    with pytest.raises(ValueError, match="gen.safetensors: this is a model checkpoint .*, not an edit direction"):
+        load_direction(tmp_path / "gen.safetensors", n_styles=12, style_dim=64)
+
+
+def test_a_saved_inversion_is_refused_as_a_direction(tmp_path):
+    """Before: an inversion without offsets holds one tensor, its codes, which was taken as a W+ direction."""
+    from hyperstyle_nodes.inversion_io import save_inversion
+
+    path = save_inversion(tmp_path / "inv", torch.randn(1, 12, 64), [None] * 20, "model")
+    with pytest.raises(ValueError, match="inv.safetensors: this is a saved inversion .*not an edit direction"):
+        load_direction(path, n_styles=12, style_dim=64)

@@ -74,6 +74,7 @@ def test_modulated_conv_matches_per_sample_reference(upsample, form, kind, monke
     """Upsampling forms: a transposed convolution in phase form + blur (small layers), blur-folded phases in one
     convolution, or as two convolutions, one per output row parity (large layers at batch > 1)."""
     monkeypatch.setattr(stylegan2, "TRANSPOSED_UP_TO", 10 ** 6 if form == "transposed" else 0)
+    monkeypatch.setattr(stylegan2, "transposed_form_pays", lambda x: True)  # on the CPU it is never chosen
     monkeypatch.setattr(stylegan2, "SPLIT_ROW_PARITIES_FROM", 1 if form == "split phases" else 10 ** 6)
     torch.manual_seed(0)
     conv = ModulatedConv2d(8, 6, 3, 16, upsample=upsample)
@@ -148,7 +149,9 @@ def test_modulated_conv_output_is_packed_and_layout_does_not_matter(upsample):
     assert pack(a) is a
 
 
-def test_compact_offsets_equal_official_expanded_form_bit_exactly():
+def test_compact_offsets_equal_official_expanded_form():
+    """Compact per-channel offsets give the official expanded form's images. Not bit for bit: at inference the
+    compact form's demodulation sums over [B, O, C] (`_factors`), the expanded one over every tap."""
     gen = make_generator(tiny_generator_config(64))
     codes = torch.randn(2, gen.n_styles, gen.style_dim)
     g = torch.Generator().manual_seed(3)
@@ -162,7 +165,7 @@ def test_compact_offsets_equal_official_expanded_form_bit_exactly():
     with torch.no_grad():
         a, b = gen(codes, compact), gen(codes, expanded)
         plain = gen(codes)
-    assert torch.equal(a, b)
+    assert torch.allclose(a, b, rtol=0, atol=2e-6), (a - b).abs().max()
     assert not torch.allclose(a, plain, atol=1e-3)  # the offsets do change the image
 
 
@@ -265,3 +268,43 @@ def test_upsampling_form_follows_the_input_size():
     larger = 2 * stylegan2.TRANSPOSED_UP_TO
     assert conv.upsample_plan(1, larger) == ((0, 1),)
     assert conv.upsample_plan(8, max(larger, stylegan2.SPLIT_ROW_PARITIES_FROM)) == ((0,), (1,))
+    assert conv.upsample_plan(1, stylegan2.TRANSPOSED_UP_TO, transposed_pays=False) == ((0, 1),)
+
+
+def test_transposed_form_only_with_a_compiled_epilogue_and_not_in_strict_fp32(monkeypatch):
+    """Without torch.compile the transposed form's blur is ~100 kernels a layer (slower than the blur-folded
+    phases), and in strict fp32 cuDNN asked for a 65 GiB workspace for its convolution."""
+    x16, x32 = torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16), torch.zeros(1, 4, 8, 8)
+    assert not stylegan2.transposed_form_pays(x16)  # CPU: eager
+    monkeypatch.setattr(stylegan2, "on_gpu", lambda t: True)
+    monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": True})
+    assert stylegan2.transposed_form_pays(x16)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert stylegan2.transposed_form_pays(x32)  # PyTorch's default TF32 convolutions
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not stylegan2.transposed_form_pays(x32) and stylegan2.transposed_form_pays(x16)
+    monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": False})  # HYPERSTYLE_COMPILE=0
+    assert not stylegan2.transposed_form_pays(x16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_multiply_weights_equal_the_plain_formula(dtype):
+    """At eager inference the weight builders scale the shared weight by per-sample factors in one multiply
+    (`_factors`); with autograd on they run the plain formula. Same weights, every offset kind and builder."""
+    torch.manual_seed(4)
+    weight = torch.randn(1, 6, 5, 3, 3).to(dtype)
+    style = torch.randn(2, 5)
+    deltas = [None, 0.3 * torch.randn(2, 6, 5), 0.3 * torch.randn(1, 6, 5)]
+    for delta in deltas:
+        for builder in (stylegan2.modulated_weight, stylegan2.padded_taps, stylegan2.transposed_taps):
+            for demodulate in (True, False):
+                args = (weight, 0.3, style, delta, demodulate, dtype)
+                with torch.no_grad():
+                    fast = builder(*args)
+                with torch.enable_grad():
+                    plain = builder(*args)
+                assert fast.shape == plain.shape and fast.stride() == plain.stride() and fast.dtype == dtype
+                tol = 1e-6 if dtype == torch.float32 else 1e-2
+                assert torch.allclose(fast.float(), plain.float(), rtol=tol, atol=tol), builder.__name__
+    full = 0.3 * torch.randn(2, 6, 5, 3, 3)  # offsets that differ between taps: the plain formula
+    assert stylegan2._factors(weight, 0.3, style, full, True) is None

@@ -188,3 +188,20 @@ def test_3xtf32_product_keeps_fp32_accuracy(monkeypatch):
         emulated = hypernet(z)
     assert emulated.shape == plain.shape == (3, 16, 16, 3, 3)
     assert torch.allclose(emulated, plain, atol=1e-6, rtol=0)
+
+
+def test_invert_and_encode_check_their_images(tiny_model, face_batch):
+    """uint8 images are 0..255 (before: taken as 0..1, a white image); NaN/inf pixels and 0..255 floats are refused
+    (before: NaN images / a silently wrong inversion)."""
+    as_uint8 = (face_batch * 255).round().to(torch.uint8)
+    from_uint8 = tiny_model.invert(as_uint8, n_iters=1, keep_steps=False)
+    from_float = tiny_model.invert(as_uint8.float() / 255, n_iters=1, keep_steps=False)
+    assert torch.equal(from_uint8.images, from_float.images)
+    assert torch.equal(tiny_model.encode(as_uint8), tiny_model.encode(as_uint8.float() / 255))
+    broken = face_batch.clone()
+    broken[1, 0, 7, 7] = float("nan")
+    for call in (tiny_model.invert, tiny_model.encode):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            call(broken)
+        with pytest.raises(ValueError, match="divide it by 255"):
+            call(face_batch * 255)

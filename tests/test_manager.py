@@ -233,11 +233,84 @@ def test_inside_comfyui_models_go_through_load_models_gpu_every_use(monkeypatch)
     assert (patcher.load_device, patcher.offload_device) == (comfy.gpu, torch.device("cpu"))
     assert comfy.load_calls == [([patcher], True)] * 3, "each use asks ComfyUI for a full load"
 
-    comfy.model_management.unload_all_models()
-    assert id(patcher) not in comfy.on_gpu
+
+
+def test_comfyui_unload_empties_the_cache_and_the_next_use_reads_the_file_again(monkeypatch):
+    """POST /free {"unload_models": true} ends in unload_all_models: on the CPU only dropping the weights frees them."""
+    comfy = FakeComfy(monkeypatch)
+    manager = ModelManager()
+    builder = CountingBuilder()
+    handle = manager.load(("generator",), builder)
     handle.use()
-    assert id(patcher) in comfy.on_gpu, "the next use loads it back"
-    assert builder.calls == 1, "...without reading the disk again"
+    first = handle.model
+    assert manager.cached_bytes == LINEAR_BYTES
+
+    comfy.model_management.unload_all_models()
+    assert comfy.on_gpu == set(), "ComfyUI's own unload still runs"
+    assert manager.cached_bytes == 0 and not handle.loaded and handle.patcher is None
+    assert "unloaded" in repr(handle)
+
+    # the handle ComfyUI's node cache still holds works: its next use reads the file again, once
+    assert handle.use() is handle.model is not first
+    assert builder.calls == 2 and manager.cached_bytes == LINEAR_BYTES
+    assert manager.load(("generator",), builder) is handle and builder.calls == 2
+    assert id(comfy.patchers[-1]) in comfy.on_gpu and comfy.patchers[-1].model is handle.model
+
+
+def test_inside_comfyui_the_budget_applies_and_unload_reaches_models_held_elsewhere(monkeypatch):
+    """The cache no longer keeps every model for the server's life; a model ComfyUI still holds is found again."""
+    comfy = FakeComfy(monkeypatch)
+    manager = ModelManager(budget_bytes=LINEAR_BYTES)
+    builders = {name: CountingBuilder() for name in "ab"}
+    held = manager.load(("a",), builders["a"])  # as ComfyUI's cache of node outputs holds a loader's output
+    manager.load(("b",), builders["b"])
+    assert manager.cached_bytes == LINEAR_BYTES, "a left the cache: over the budget"
+    assert manager.load(("a",), builders["a"]) is held and builders["a"].calls == 1, "held elsewhere: not re-read"
+    manager.load(("b",), builders["b"])
+    assert builders["b"].calls == 2, "b was held by nothing once evicted, so it was freed"
+
+    manager.load(("b",), builders["b"])  # now a is out of the cache, but alive
+    comfy.model_management.unload_all_models()
+    assert not held.loaded and manager.cached_bytes == 0
+
+
+def test_comfyui_unload_is_wrapped_once_for_every_manager(monkeypatch):
+    comfy = FakeComfy(monkeypatch)
+    managers = [ModelManager(), ModelManager()]
+    wrapped = comfy.model_management.unload_all_models
+    ModelManager()
+    assert comfy.model_management.unload_all_models is wrapped, "a second manager does not wrap the wrapper"
+    handles = [m.load(("x",), CountingBuilder()) for m in managers]
+    comfy.model_management.unload_all_models()
+    assert not any(h.loaded for h in handles)
+
+
+def test_unload_all_outside_comfyui_keeps_handles_usable(cpu_manager):
+    builder = CountingBuilder()
+    handle = cpu_manager.load(("a",), builder)
+    assert cpu_manager.unload_all() == LINEAR_BYTES
+    assert cpu_manager.cached_bytes == 0 and handle.model is None
+    assert isinstance(handle.use(), nn.Linear) and builder.calls == 2
+    assert cpu_manager.unload_all() == LINEAR_BYTES and cpu_manager.unload_all() == 0
+
+
+def test_a_failed_load_leaves_nothing_in_the_cache(cpu_manager):
+    def broken():
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cpu_manager.load(("broken",), broken)
+    assert cpu_manager.cached_bytes == 0 and cpu_manager._handles == {}
+    builder = CountingBuilder()
+    assert isinstance(cpu_manager.load(("broken",), builder).use(), nn.Linear) and builder.calls == 1
+
+    # a failed reload after an unload keeps the handle empty, and the next use tries again
+    handle = cpu_manager.load(("flaky",), CountingBuilder())
+    cpu_manager.unload_all()
+    handle._builder = broken
+    with pytest.raises(RuntimeError):
+        handle.use()
+    assert not handle.loaded and cpu_manager.cached_bytes == 0
 
 
 def test_inside_comfyui_auto_device_and_dtype_come_from_comfyui(monkeypatch):
@@ -280,10 +353,12 @@ REAL_COMFYUI_SCRIPT = textwrap.dedent("""
     handle = manager.load(("real comfy",), lambda: calls.append(1) or torch.nn.Linear(8, 8))
     assert handle.use() is handle.model
     assert handle.patcher in mm.loaded_models(), "ComfyUI tracks the model"
+    patcher = handle.patcher
     mm.unload_all_models()
-    assert handle.patcher not in mm.loaded_models(), "unload_all_models released it"
+    assert patcher not in mm.loaded_models(), "unload_all_models released it"
+    assert not handle.loaded and manager.cached_bytes == 0, "...and emptied our cache"
     handle.use()
-    assert handle.patcher in mm.loaded_models() and len(calls) == 1 and manager.disk_loads == 1
+    assert handle.patcher in mm.loaded_models() and len(calls) == 2 and manager.disk_loads == 2
     print("real ComfyUI ok", mm.get_torch_device())
 """)
 
@@ -296,3 +371,23 @@ def test_with_a_real_comfyui_checkout():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "real ComfyUI ok" in result.stdout
+
+
+def test_an_encoder_of_another_code_width_is_refused_at_load_and_not_cached(tiny_ckpts, tmp_path, no_gpu):
+    """It used to load, fail only in Encode with a raw size mismatch, and stay in the cache."""
+    from hyperstyle_nodes import CheckpointError, ops
+    from hyperstyle_nodes.encoders import build_encoder
+    from hyperstyle_nodes.tiny import tiny_encoder_config, tiny_generator_config
+
+    narrow_codes = build_encoder(tiny_encoder_config("w_encoder", tiny_generator_config(128, style_dim=32)))
+    other = tmp_path / "w_encoder_32.pt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in narrow_codes.state_dict().items()},
+                "opts": {"output_size": 128, "encoder_type": "WEncoder", "input_nc": 3}}, other)
+    manager = get_manager()
+    cached, loads = manager.cached_bytes, manager.disk_loads
+    with pytest.raises(CheckpointError) as raised:
+        ops.load_model(str(tiny_ckpts["hyperstyle"]), str(other), "fp32", "cpu")
+    message = str(raised.value)
+    assert "The W-encoder w_encoder_32.pt makes 32-wide latent codes" in message
+    assert f"HyperStyle checkpoint {tiny_ckpts['hyperstyle'].name} takes 64-wide codes" in message
+    assert manager.disk_loads == loads + 1 and manager.cached_bytes == cached, "nothing stays cached"

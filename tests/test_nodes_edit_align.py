@@ -93,3 +93,40 @@ def test_ganspace_file_through_apply_edit(models_dir):
     expected[:, 2:5] += ((1.5 - coord)[:, None] * c * s)[:, None, :]
     assert torch.allclose(edited.codes, expected, atol=1e-5)
     assert torch.equal(edited.codes[:, :2], codes[:, :2]) and torch.equal(edited.codes[:, 5:], codes[:, 5:])
+
+
+def test_align_face_node_threshold_slider_and_landmarks_choice(models_dir, face_photos):
+    """Issue 20: the threshold slider went up to 1.0, which detection then rejected. Issue 23: a landmarks choice."""
+    spec = pack_nodes.HyperStyleAlignFace.INPUT_TYPES()
+    top = spec["required"]["threshold"][1]["max"]
+    assert top < 1.0
+    choices = spec["optional"]["landmarks"][0]
+    assert choices == ["auto", "dlib68", "retinaface5"] and spec["optional"]["landmarks"][1]["default"] == "auto"
+    image = photo(face_photos[0])
+    node = pack_nodes.HyperStyleAlignFace()
+    faces, records = node.align(image, "retinaface_mobilenet0.25.pth", "256", "largest", 0, top, "center_crop")
+    assert faces.shape == (1, 256, 256, 3)
+    five, five_records = node.align(image, "retinaface_mobilenet0.25.pth", "256", "largest", 0, 0.9, "error",
+                                    "retinaface5")
+    assert five_records[0].method == "ffhq"
+
+
+def test_paste_face_back_node_puts_every_face_into_its_photo(models_dir, face_photos):
+    """selection=all on a photo with two people -> two crops -> one photo back with both faces replaced."""
+    a, b = photo(face_photos[0])[0], photo(face_photos[-1])[0]
+    height = min(a.shape[0], b.shape[0])
+    group = torch.cat([a[:height], b[:height]], dim=1)[None]
+    node = pack_nodes.HyperStyleAlignFace()
+    faces, records = node.align(group, "retinaface_mobilenet0.25.pth", "256", "all", 0, 0.9, "error")
+    assert faces.shape[0] == 2 and [r.source_index for r in records] == [0, 0]
+    pasted, mask = pack_nodes.HyperStylePasteBack().paste(group, 1.0 - faces, records, 16.0)
+    assert pasted.shape == group.shape
+    split = a.shape[1]
+    assert mask[0, :, :split].max() > 0.99 and mask[0, :, split:].max() > 0.99
+
+
+def test_cli_all_faces_flag():
+    from hyperstyle_nodes.cli import build_parser
+
+    assert build_parser().parse_args(["edit", "in.jpg", "--out", "o", "--all-faces"]).faces == "all"
+    assert build_parser().parse_args(["edit", "in.jpg", "--out", "o"]).faces == "largest"

@@ -1,0 +1,104 @@
+"""First calls on a GPU: compiled kernels go to a persistent folder, and the warm-up is announced once per shape."""
+import os
+
+import torch
+
+from hyperstyle_nodes import cuda_graphs, stylegan2, warmup
+
+
+def fresh_state(monkeypatch, user_env: dict):
+    monkeypatch.setattr(warmup, "_USER_ENV", {name: user_env.get(name) for name in warmup.CACHE_ENV})
+    monkeypatch.setattr(warmup, "_STATE", {"cache": None})
+    for name in warmup.CACHE_ENV:
+        if user_env.get(name):
+            monkeypatch.setenv(name, user_env[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
+def test_compiled_kernels_are_kept_beside_the_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(tmp_path / "models"))
+    fresh_state(monkeypatch, {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")  # Inductor's own default, set later
+    folder = warmup.use_persistent_cache()
+    assert folder == tmp_path / "models" / ".compile_cache" / "inductor" and folder.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "models" / ".compile_cache" / "triton")
+    assert warmup.use_persistent_cache() == folder  # once per process
+
+
+def test_the_users_cache_folders_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(tmp_path / "models"))
+    fresh_state(monkeypatch, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine"), "TRITON_CACHE_DIR": str(tmp_path / "t")})
+    assert warmup.use_persistent_cache() == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "t")
+    assert not (tmp_path / "models").exists()
+    fresh_state(monkeypatch, {"TRITON_CACHE_DIR": str(tmp_path / "t")})  # only Triton's chosen: Inductor's is ours
+    assert warmup.use_persistent_cache() == tmp_path / "models" / ".compile_cache" / "inductor"
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "t")
+
+
+def test_an_unwritable_models_folder_leaves_the_defaults(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(blocker))
+    fresh_state(monkeypatch, {})
+    assert warmup.use_persistent_cache() is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "cannot create" in capsys.readouterr().err
+    assert warmup.use_persistent_cache() is None and "kept in" not in warmup.describe_first_call(1, torch.float16, True)
+
+
+def test_notices_go_to_the_innermost_listener(monkeypatch):
+    heard, default = [], []
+    monkeypatch.setattr(warmup, "_DEFAULT", {"listener": default.append})
+    warmup.notice("a")
+    with warmup.listening(heard.append):
+        warmup.notice("b")
+    warmup.notice("c")
+    assert heard == ["b"] and default == ["a", "c"]
+
+
+def test_a_new_shape_is_announced_once_before_it_is_recorded(monkeypatch):
+    """GraphCache says so (batch, precision, whether it compiles) before recording each new batch size and precision;
+    the other graphs of the same shape (start, step, decode) and later calls say nothing."""
+    cache = cuda_graphs.GraphCache.__new__(cuda_graphs.GraphCache)  # no CUDA here: record is stubbed
+    cache.graphs, cache.announced = {}, set()
+    out = torch.zeros(1)
+    monkeypatch.setattr(cache, "_record", lambda fn, inputs: (type("G", (), {"replay": lambda self: None})(),
+                                                                list(inputs), out))
+    monkeypatch.setattr(warmup, "use_persistent_cache", lambda: None)
+    heard = []
+    with warmup.listening(heard.append):
+        x1, x8 = torch.zeros(1, 3, dtype=torch.bfloat16), torch.zeros(8, 3, dtype=torch.bfloat16)
+        for name in ("start", "step", "step", "decode"):
+            cache.run(name, None, [x1])
+        cache.run("start", None, [x8])
+        monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": False})
+        cache.run("start", None, [x8.float()])
+    assert len(heard) == 3
+    assert "batch 1, bfloat16: compiling" in heard[0] and "batch 8, bfloat16" in heard[1]
+    assert "batch 8, float32: recording CUDA graphs" in heard[2] and "compiling" not in heard[2]
+
+
+def test_in_comfyui_the_notice_shows_under_the_running_node(monkeypatch, capsys):
+    import sys
+    import types
+
+    import nodes
+
+    sent = []
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(
+        send_progress_text=lambda text, node_id: sent.append((text, node_id)))})
+    utils = types.ModuleType("comfy_execution.utils")
+    context = {"now": types.SimpleNamespace(node_id="7")}
+    utils.get_executing_context = lambda: context["now"]
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    nodes._comfy_notice("HyperStyle: first run")
+    context["now"] = None  # outside a prompt: the console only
+    nodes._comfy_notice("later")
+    assert sent == [("HyperStyle: first run", "7")]
+    assert capsys.readouterr().out.splitlines() == ["HyperStyle: first run", "later"]
