@@ -238,6 +238,8 @@ def test_time_limited_stage_progress_shows_the_time_left():
     bar.update(10, elapsed=30)
     assert bar.seconds_left == pytest.approx(30)
     assert projected_seconds(180, 0, 0, 0, 20) == 180  # before the first step: the budget
+    # a first validation longer than the budget: nothing left, not a negative time
+    assert StageProgress("hypernet", 0, 20, 240, elapsed=309, enabled=False, clock=clock).seconds_left == 0
 
 
 def test_time_limited_stage_bar_counts_seconds_of_its_budget(domain, tmp_path, capsys):

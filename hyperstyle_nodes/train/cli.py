@@ -28,9 +28,11 @@ See docs/training.md for the full recipe."""
 # ones, small enough to finish in about 10 minutes on 2 cores, domain included. Options left out take these.
 SELFCHECK_DEFAULTS = {
     "gpu": dict(arch="full", size=128, train_images=8000, val_images=256, encoder_minutes=3.0, hypernet_minutes=6.0,
-                lr=1e-4),
-    "cpu": dict(arch="micro", size=64, train_images=512, val_images=64, encoder_minutes=2.0, hypernet_minutes=4.0,
-                lr=1e-3),  # a few dozen steps on CPU: a faster rate, or they would not show learning
+                lr=1e-4, val_batches=0, log_interval=50),
+    # a few dozen steps on CPU: a faster rate, or they would not show learning; the stages validate on 2 batches
+    # (5 passes over all 64 images took longer than the budget), the final check uses all held-out images
+    "cpu": dict(arch="micro", size=64, train_images=512, val_images=64, encoder_minutes=1.5, hypernet_minutes=5.0,
+                lr=1e-3, val_batches=2, log_interval=10),
 }
 
 
@@ -147,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-interval", type=int, default=1000)
-    p.add_argument("--val-batches", type=int, default=0, help="0: the whole validation set")
+    p.add_argument("--val-batches", type=int, default=None,
+                   help="batches of each stage's validations (0: all); " + _selfcheck_default("val_batches"))
     p.add_argument("--save-interval", type=int, default=2000)
-    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--log-interval", type=int, default=None, help=_selfcheck_default("log_interval"))
     p.add_argument("--image-interval", type=int, default=500)
     p.add_argument("--require-improvement", type=float, default=None,
                    help="exit with status 1 unless HyperStyle's held-out L2 is this fraction below the W-encoder's")

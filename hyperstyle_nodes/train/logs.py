@@ -107,7 +107,7 @@ class StageProgress:
                  enabled: bool = True, clock=time.time):
         self.step0, self.max_steps, self.max_seconds, self.clock = step, max_steps, max_seconds, clock
         self.loop_start = clock()
-        self.seconds_left = max_seconds - elapsed if max_seconds else None
+        self.seconds_left = max(max_seconds - elapsed, 0.0) if max_seconds else None
         self.postfix = {"left": _minutes(self.seconds_left), "step": step} if max_seconds else {}
         self.bar = None
         if not enabled:
