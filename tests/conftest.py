@@ -4,11 +4,33 @@ Real assets (face photos, RetinaFace weights, edit directions) live outside the 
 (override with HYPERSTYLE_TEST_ASSETS). Tests that need them skip, with the reason, only when the folder is absent.
 """
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Every place a test (or a library it runs: huggingface_hub, torch.hub) could write per-user files by default.
+SANDBOXED_ENV = ("HOME", "USERPROFILE", "LOCALAPPDATA", "XDG_CACHE_HOME", "HF_HOME", "TORCH_HOME",
+                 "HYPERSTYLE_MODELS_DIR")
+_sandbox = {}
+
+
+def pytest_configure(config):
+    """Tests never write outside temporary folders: the home folder, the user caches and the models folder point
+    into one temporary folder for the whole run. Set here, before test modules are imported, because libraries
+    such as huggingface_hub read their cache paths at import."""
+    root = Path(tempfile.mkdtemp(prefix="hyperstyle-tests-home-"))
+    _sandbox["root"], _sandbox["patch"] = root, pytest.MonkeyPatch()
+    for name in SANDBOXED_ENV:
+        _sandbox["patch"].setenv(name, str(root / name.lower()))
+
+
+def pytest_unconfigure(config):
+    if _sandbox:
+        _sandbox.pop("patch").undo()
+        shutil.rmtree(_sandbox.pop("root"), ignore_errors=True)
 
 
 def _assets_root() -> Path:

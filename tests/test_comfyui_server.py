@@ -22,7 +22,8 @@ ASSETS = _assets_root()
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run the "
                                                                "real-server tests")
-WORKFLOWS = REPO_ROOT / "example_workflows"
+WORKFLOWS = REPO_ROOT / "example_workflows_api"  # API format, for POST /prompt
+UI_WORKFLOWS = REPO_ROOT / "example_workflows"  # UI format, listed in the template browser
 NODE_IDS = ["HyperStyleLoader", "HyperStyleEncode", "HyperStyleRefine", "HyperStyleDecode", "HyperStyleAlignFace",
             "HyperStylePasteBack", "HyperStyleApplyEdit", "HyperStyleEditSweep", "HyperStyleLoadGenerator",
             "HyperStyleSaveInversion", "HyperStyleLoadInversion", "HyperStyleTextEdit", "HyperStyleTextEditSweep",
@@ -103,6 +104,18 @@ def test_pack_imports_and_lists_its_nodes(server):
     assert info["HyperStyleRefine"]["input"]["optional"]["deltas"][0] == "HYPERSTYLE_DELTAS"
     assert info["HyperStyleDecode"]["output"] == ["IMAGE"]
     assert "tiny_hyperstyle.pt" in info["HyperStyleLoader"]["input"]["required"]["checkpoint"][0]
+
+
+def test_template_browser_lists_only_ui_workflows_and_they_use_existing_nodes(server):
+    templates = server.get("/workflow_templates")
+    ui_names = sorted(p.stem for p in UI_WORKFLOWS.glob("*.json"))
+    assert sorted(templates.get("hyperstyle-nodes", [])) == ui_names, templates
+    info = server.get("/object_info")
+    for name in ui_names:
+        served = server.get(f"/api/workflow_templates/hyperstyle-nodes/{name}.json")  # what the browser loads
+        assert isinstance(served.get("version"), (int, float)) and served["nodes"], name
+        missing = {node["type"] for node in served["nodes"]} - set(info)
+        assert not missing, f"{name}.json uses node types the server does not have: {missing}"
 
 
 def test_invert_and_reconstruct_workflow(server):

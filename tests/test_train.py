@@ -17,10 +17,12 @@ import torch
 
 from hyperstyle_nodes import load_hyperstyle
 from hyperstyle_nodes.stylegan2 import GeneratorConfig
-from hyperstyle_nodes.train.cli import main
-from hyperstyle_nodes.train.data import ShardedSampler
+from hyperstyle_nodes.train.cli import SELFCHECK_DEFAULTS, apply_selfcheck_defaults, build_parser, main
+from hyperstyle_nodes.train.data import ShardedSampler, default_workers
+from hyperstyle_nodes.train.logs import StageProgress, projected_seconds
 from hyperstyle_nodes.train.models import build_hypernet, default_layers_to_tune
-from hyperstyle_nodes.train.synthetic import SyntheticDomain, build_domain
+from hyperstyle_nodes.train.runs import _loop_config
+from hyperstyle_nodes.train.synthetic import SyntheticDomain, build_domain, describe_result
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -216,6 +218,73 @@ def test_synthetic_self_check_end_to_end(tmp_path):
     assert all(check[k] > 0 for k in ("l2_w_encoder", "l2_hyperstyle", "l2_w_oracle"))
     assert Path(check["grid"]).is_file()
     assert report["encoder"]["step"] == 3 and report["hypernet"]["step"] == 3
+
+
+# ---- what a newcomer sees: progress, worker counts, the CPU-sized self-check, the summary -----------------------
+
+
+def test_time_limited_stage_progress_shows_the_time_left():
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    # 10 steps in 30 s after a 10-s validation, a 3-minute budget, 100,000 steps: the budget ends the stage
+    bar = StageProgress("encoder", 0, 100_000, 180, elapsed=10, enabled=False, clock=clock)
+    assert bar.seconds_left == 170
+    now[0] += 30
+    bar.update(10, elapsed=40)
+    assert bar.seconds_left == pytest.approx(140)  # not 100,000 steps at 3 s (83 hours)
+    # the same pace with only 20 steps: the last step ends it, 10 steps from now
+    bar = StageProgress("hypernet", 0, 20, 180, elapsed=0, enabled=False, clock=clock)
+    now[0] += 30
+    bar.update(10, elapsed=30)
+    assert bar.seconds_left == pytest.approx(30)
+    assert projected_seconds(180, 0, 0, 0, 20) == 180  # before the first step: the budget
+    # a first validation longer than the budget: nothing left, not a negative time
+    assert StageProgress("hypernet", 0, 20, 240, elapsed=309, enabled=False, clock=clock).seconds_left == 0
+
+
+def test_time_limited_stage_bar_counts_seconds_of_its_budget(domain, tmp_path, capsys):
+    rc = main(["encoder", "--generator", str(domain["generator"]), "--out", str(tmp_path / "enc"), "--max-steps", "3",
+               "--max-minutes", "10", "--val-interval", "0", *data_args(domain), *fast()])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "encoder (10 min or 3 steps)" in err and " s, left=" in err, err[-2000:]
+    assert "/500000" not in err and "/3 [" not in err  # no step-count bar
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    for cpus, processes, expected in ((2, 1, 1), (1, 1, 0), (16, 1, 4), (16, 8, 1), (64, 8, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert default_workers(processes) == expected, (cpus, processes)
+    args = build_parser().parse_args(["encoder", "--generator", "g.pt", "--out", "o"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _loop_config(args, Path("o")).workers == default_workers(2)  # --workers left out: the machine's fit
+
+
+def test_synthetic_domain_build_shows_progress(tmp_path, capsys):
+    build_domain(tmp_path, SyntheticDomain(size=SIZE, train_images=6, val_images=2, seed=1), LAYERS, log=print)
+    err = capsys.readouterr().err
+    assert "synthetic domain" in err and "8/8" in err
+
+
+def test_self_check_defaults_are_sized_for_the_device():
+    args = build_parser().parse_args(["synthetic", "--out", "o", "--size", "32"])
+    apply_selfcheck_defaults(args, torch.device("cpu"))
+    assert args.size == 32  # given: kept
+    cpu = {k: v for k, v in SELFCHECK_DEFAULTS["cpu"].items() if k != "size"}
+    assert {k: getattr(args, k) for k in cpu} == cpu
+    args = build_parser().parse_args(["synthetic", "--out", "o"])
+    apply_selfcheck_defaults(args, torch.device("cuda"))
+    assert vars(args).items() >= SELFCHECK_DEFAULTS["gpu"].items()
+
+
+def test_self_check_summary_says_higher_when_refinement_hurts():
+    result = {"val_images": 64, "l2_w_encoder": 0.0500, "l2_hyperstyle": 0.0724, "l2_w_oracle": 0.0300,
+              "improvement": 1 - 0.0724 / 0.0500}
+    text = describe_result(result, 5)
+    assert "44.8% HIGHER" in text and "-44.8" not in text and "lower" not in text
+    result.update(l2_hyperstyle=0.0250, improvement=0.5)
+    text = describe_result(result, 5)
+    assert "50.0% lower" in text and "HIGHER" not in text
 
 
 # ---- clear errors ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ sees exactly the images, flipped exactly as, an uninterrupted run would.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -153,6 +154,16 @@ def ignore_sigint(_worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers(processes_on_this_machine: int = 1) -> int:
+    """Image-loading processes per training process: up to 4, leaving one CPU per process for the training itself
+    (2 CPUs, one process: 1 worker; PyTorch warns when all processes together start more workers than CPUs)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus // max(processes_on_this_machine, 1) - 1))
 
 
 def make_loader(dataset, sampler: ShardedSampler, batch_size: int, workers: int, pin_memory: bool,

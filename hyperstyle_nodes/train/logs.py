@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +88,70 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def projected_seconds(budget: float, elapsed: float, loop_seconds: float, steps_done: int, steps_left: int) -> float:
+    """When a time-limited stage will stop, in seconds of its budget clock: at the budget, or sooner if at the pace
+    of the steps so far (`steps_done` in `loop_seconds`) it reaches its last step first."""
+    if steps_done <= 0 or loop_seconds <= 0:
+        return budget
+    return min(budget, elapsed + steps_left * loop_seconds / steps_done)
+
+
+class StageProgress:
+    """The console bar of a training stage, over its real budget. With a time budget (--max-minutes) it counts the
+    budget's seconds up to the stage's projected end (the budget, or the last step if that comes sooner) and shows
+    the time left; without one it counts steps up to --max-steps (tqdm's own ETA)."""
+
+    def __init__(self, name: str, step: int, max_steps: int, max_seconds: float | None, elapsed: float,
+                 enabled: bool = True, clock=time.time):
+        self.step0, self.max_steps, self.max_seconds, self.clock = step, max_steps, max_seconds, clock
+        self.loop_start = clock()
+        self.seconds_left = max(max_seconds - elapsed, 0.0) if max_seconds else None
+        self.postfix = {"left": _minutes(self.seconds_left), "step": step} if max_seconds else {}
+        self.bar = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        if max_seconds:
+            self.bar = tqdm(total=round(max_seconds), initial=min(round(elapsed), round(max_seconds)),
+                            desc=f"{name} ({max_seconds / 60:g} min or {max_steps} steps)", dynamic_ncols=True,
+                            mininterval=2.0, postfix=self.postfix,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s{postfix}")
+        else:
+            self.bar = tqdm(total=max_steps, initial=step, desc=name, unit="step", dynamic_ncols=True,
+                            mininterval=2.0)
+
+    def update(self, step: int, elapsed: float) -> None:
+        """After each step; `elapsed`: seconds on the stage's budget clock (validation included)."""
+        if self.max_seconds:
+            end = projected_seconds(self.max_seconds, elapsed, self.clock() - self.loop_start, step - self.step0,
+                                    self.max_steps - step)
+            self.seconds_left = max(end - elapsed, 0.0)
+            self.postfix.update(left=_minutes(self.seconds_left), step=step)
+        if self.bar is None:
+            return
+        if self.max_seconds:
+            self.bar.total = max(round(end), 1)
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(min(round(elapsed), self.bar.total) - self.bar.n)
+        else:
+            self.bar.update(step - self.bar.n)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix.update(values)
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _minutes(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _plain(value):

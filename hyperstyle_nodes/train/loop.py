@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .data import ImageFolderDataset, ShardedSampler, DataError, make_loader
 from .dist import DistInfo, all_reduce_sum, any_rank, gather_objects
-from .logs import RunLogger
+from .logs import RunLogger, StageProgress
 from .models import SetupError
 
 INTERRUPTED = "interrupted"
@@ -204,7 +204,8 @@ class Trainer:
                 self.validate()
             self._sync()
             loop_start, paused = time.time(), 0.0  # paused: validation and checkpoints, left out of throughput
-            progress = self._progress()
+            progress = StageProgress(self.stage.name, self.step, cfg.max_steps, cfg.max_seconds,
+                                     time.time() - start, enabled=info.is_main)
             window = {"sums": {}, "steps": 0, "t": time.time()}
             validated_at = self.step if self.step == 0 and cfg.val_at_start else -1
             while reason is None and self.step < cfg.max_steps:
@@ -237,8 +238,7 @@ class Trainer:
                         self.save_last()
                         paused += time.time() - t_pause
                         window["t"] += time.time() - t_pause
-                    if progress is not None:
-                        progress.update(1)
+                    progress.update(self.step, time.time() - start)
                     time_up = bool(cfg.max_seconds and time.time() - start >= cfg.max_seconds)
                     if any_rank(info, stop.requested or time_up):
                         reason = INTERRUPTED if any_rank(info, stop.requested) else "time budget"
@@ -249,8 +249,7 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._sync()
             self.train_seconds = time.time() - loop_start - paused
-            if progress is not None:
-                progress.close()
+            progress.close()
             reason = reason or "max steps"
             if validated_at != self.step and reason != INTERRUPTED:
                 self._maybe_best(self.validate())
@@ -268,16 +267,6 @@ class Trainer:
                 "best_val_loss": self.best_val_loss, "val": self.last_val,
                 "last": str(self.checkpoint_dir / ckpt_io.LAST), "best": str(self.checkpoint_dir / ckpt_io.BEST)}
 
-    def _progress(self):
-        if not self.info.is_main:
-            return None
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover
-            return None
-        return tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
-                    mininterval=2.0)
-
     def _log_train(self, window: dict, progress) -> None:
         self._sync()
         keys = sorted(window["sums"])
@@ -289,8 +278,7 @@ class Trainer:
                    images_per_second=window["steps"] * self.cfg.batch_size * self.info.world_size
                    / max(now - window["t"], 1e-9))
         self.logger.scalars("train", self.step, row)
-        if progress is not None:
-            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.0f}", refresh=False)
+        progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.3g}")
         window.update(sums={}, steps=0, t=now)
 
     def _dump_params(self) -> None:

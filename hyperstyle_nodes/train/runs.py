@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from .data import ImageFolderDataset, describe_split, split_files
+from .data import ImageFolderDataset, default_workers, describe_split, split_files
 from .dist import DistInfo, barrier, broadcast_object
 from .loop import LoopConfig, Trainer
 from .losses import ReconstructionLoss
@@ -55,9 +56,14 @@ def _loop_config(args, out_dir: Path) -> LoopConfig:
         out_dir=out_dir, batch_size=args.batch_size, val_batch_size=args.val_batch_size or args.batch_size,
         lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         log_interval=args.log_interval, val_interval=args.val_interval, image_interval=args.image_interval,
-        save_interval=args.save_interval, val_batches=args.val_batches or None, workers=args.workers,
+        save_interval=args.save_interval, val_batches=args.val_batches or None,
+        workers=args.workers if args.workers is not None else default_workers(_processes_on_this_machine()),
         flip=not args.no_flip, seed=args.seed, resume=args.resume, tensorboard=not args.no_tensorboard,
         dump_rank_params=args.dump_rank_params)
+
+
+def _processes_on_this_machine() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))  # set by torchrun
 
 
 def _common_opts(args, stage: str, size: int, lambdas: dict, generator_path) -> dict:
@@ -167,14 +173,17 @@ def run_hypernet(args, info: DistInfo) -> dict:
 
 def run_synthetic(args, info: DistInfo, stage_parser) -> dict:
     """Build the synthetic domain, then run `encoder` and `hypernet` on it as ordinary command lines."""
-    from .synthetic import SyntheticDomain, build_domain, evaluate
+    from .synthetic import SyntheticDomain, build_domain, describe_result, evaluate
     from ..tiny import tiny_generator_config
 
     out = Path(args.out)
     domain = SyntheticDomain(size=args.size, train_images=args.train_images, val_images=args.val_images,
                              seed=args.seed, offset_strength=args.offset_strength, offset_rank=args.offset_rank)
     layers = default_layers_to_tune(tiny_generator_config(args.size, domain.narrow, domain.style_dim))
-    arch = args.arch or ("full" if info.device.type == "cuda" else "micro")
+    arch = args.arch
+    say(info, f"self-check on {info.device}: {arch} architectures, a {args.size}-px generator, {args.train_images} "
+              f"training and {args.val_images} held-out images, {args.encoder_minutes:g} + {args.hypernet_minutes:g} "
+              f"minutes of training (encoder + hypernetwork), learning rate {args.lr:g}")
     paths = None
     if info.is_main:
         paths = build_domain(out / "domain", domain, check_layers_to_tune(layers, tiny_generator_config(
@@ -182,10 +191,12 @@ def run_synthetic(args, info: DistInfo, stage_parser) -> dict:
     barrier(info)
     paths = broadcast_object(info, paths)
     common = ["--domain", "synthetic", "--train-dir", str(paths["train"]), "--val-dir", str(paths["val"]),
-              "--arch", arch, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+              "--arch", arch, "--batch-size", str(args.batch_size),
               "--precision", args.precision, "--device", args.device, "--no-flip", "--seed", str(args.seed),
               "--val-batches", str(args.val_batches), "--log-interval", str(args.log_interval),
               "--image-interval", str(args.image_interval), "--lr", str(args.lr)]
+    if args.workers is not None:
+        common += ["--workers", str(args.workers)]
     if args.no_tensorboard:
         common.append("--no-tensorboard")
     if args.dump_rank_params:
@@ -218,10 +229,8 @@ def run_synthetic(args, info: DistInfo, stage_parser) -> dict:
         result = evaluate(hyper_ckpt, enc_ckpt, paths, args.n_iters, out, device=info.device)
         report["selfcheck"] = result
         (out / "selfcheck.json").write_text(json.dumps(report, indent=1, default=str))
-        print(f"\nself-check on {result['val_images']} held-out images: L2 W-encoder only {result['l2_w_encoder']:.4f}, "
-              f"HyperStyle after {args.n_iters} passes {result['l2_hyperstyle']:.4f} "
-              f"({100 * result['improvement']:.1f}% lower; a W code without the offsets: {result['l2_w_oracle']:.4f})."
-              f"\nreport {out / 'selfcheck.json'}, images {result.get('grid')}", flush=True)
+        print(f"\n{describe_result(result, args.n_iters)}\nreport {out / 'selfcheck.json'}, "
+              f"images {result.get('grid')}", flush=True)
     barrier(info)
     return report
 

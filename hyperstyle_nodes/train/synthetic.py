@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ..tiny import make_generator, tiny_generator_config
 from .models import estimate_latent_avg
@@ -98,6 +99,8 @@ def build_domain(folder, domain: SyntheticDomain, layers: tuple, device="cpu", l
         paths[key].mkdir(parents=True, exist_ok=True)
         for old in paths[key].glob("*.png"):
             old.unlink()
+    total = domain.train_images + domain.val_images
+    log(f"building the synthetic domain in {folder}: a {domain.size}-px random generator and {total} images")
     generator = make_generator(tiny_generator_config(domain.size, domain.narrow, domain.style_dim), domain.seed)
     generator = generator.to(device)
     latent_avg = estimate_latent_avg(generator, 100_000, seed=domain.seed).to(device)
@@ -106,13 +109,15 @@ def build_domain(folder, domain: SyntheticDomain, layers: tuple, device="cpu", l
                paths["generator"])
     bases = _offset_bases(generator, layers, domain.offset_rank, domain.seed)
     val_w, val_a = [], []
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool, tqdm(total=total, desc="synthetic domain", unit="img", dynamic_ncols=True,
+                                             mininterval=1.0) as bar:
         jobs = []
         for split, n, seed in (("train", domain.train_images, domain.seed + 1), ("val", domain.val_images, domain.seed + 2)):
             index = 0
             for pixels, w, a in _render(generator, latent_avg, bases, domain, n, seed, device):
                 jobs += _write_pngs(paths[split], index, pixels, pool)
                 index += len(pixels)
+                bar.update(len(pixels))
                 if split == "val":
                     val_w.append(w)
                     val_a.append(a)
@@ -140,7 +145,7 @@ def evaluate(hyperstyle_ckpt, w_encoder_ckpt, paths: dict, n_iters: int, out_dir
     per_pass = [0.0] * (n_iters + 1)
     truth = torch.load(paths["val_codes"], weights_only=True)
     grid = None
-    for start in range(0, len(files), 32):
+    for start in tqdm(range(0, len(files), 32), desc="held-out check", unit="batch", dynamic_ncols=True, leave=False):
         images = torch.stack([load_image(f) for f in files[start:start + 32]]).to(device)
         target = images * 2 - 1
         try:
@@ -176,3 +181,19 @@ def evaluate(hyperstyle_ckpt, w_encoder_ckpt, paths: dict, n_iters: int, out_dir
         save_image(cells, path, nrow=len(grid), padding=2, pad_value=1.0)
         result["grid"] = str(path)
     return result
+
+
+def describe_result(result: dict, n_iters: int) -> str:
+    """The self-check's summary line, worded by the sign of the change (never "-45% lower")."""
+    before, after = result["l2_w_encoder"], result["l2_hyperstyle"]
+    change = 100 * abs(result["improvement"])
+    head = (f"self-check on {result['val_images']} held-out images: L2 W-encoder alone {before:.4f}, HyperStyle "
+            f"after {n_iters} passes {after:.4f}")
+    if after < before:
+        verdict = f"{change:.1f}% lower: the hypernetwork's offsets recover detail the W code misses"
+    elif after > before:
+        verdict = (f"{change:.1f}% HIGHER: the refinement made the reconstructions worse, i.e. the hypernetwork "
+                   "has not learned enough yet (train longer: --hypernet-minutes / --hypernet-steps)")
+    else:
+        verdict = "no change: the refinement did nothing"
+    return f"{head} ({verdict}; a W code without the offsets: {result['l2_w_oracle']:.4f})."
