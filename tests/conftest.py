@@ -76,3 +76,17 @@ def face_batch():
     g = torch.Generator().manual_seed(1234)
     low = torch.rand(2, 3, 16, 16, generator=g)
     return torch.nn.functional.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)
+
+
+def install_fake_comfy(monkeypatch, progress_bar, interrupt) -> None:
+    """Stand-ins for the two ComfyUI modules the nodes use for progress and cancel (comfy.utils.ProgressBar,
+    comfy.model_management.throw_exception_if_processing_interrupted)."""
+    import sys
+    import types
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=progress_bar)
+    comfy.model_management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupt)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nodes as pack_nodes
+from conftest import install_fake_comfy
 from hyperstyle_nodes import CheckpointError, ops
 from hyperstyle_nodes.manager import get_manager
 
@@ -142,9 +143,6 @@ def test_domain_generator_uses_offsets_only_on_the_official_layers(model, in_mod
 
 def test_refine_reports_progress_and_can_be_cancelled(model, monkeypatch):
     """Inside ComfyUI, Refine advances a ProgressBar per iteration and stops when the user cancels."""
-    import sys
-    import types
-
     updates = []
 
     class FakeBar:
@@ -161,12 +159,7 @@ def test_refine_reports_progress_and_can_be_cancelled(model, monkeypatch):
         if len(updates) >= 2:
             raise Interrupted("cancelled by the user")
 
-    comfy = types.ModuleType("comfy")
-    comfy.utils = types.SimpleNamespace(ProgressBar=FakeBar)
-    comfy.model_management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupt_after_two)
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    install_fake_comfy(monkeypatch, FakeBar, interrupt_after_two)
     images = comfy_images(1)
     latent, _ = ops.encode(model, images)
     with pytest.raises(Interrupted):

@@ -3,13 +3,13 @@ tiny 128-px model; its node (progress with previews, cancel) and its loss networ
 download)."""
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import nodes as pack_nodes
+from conftest import install_fake_comfy
 from hyperstyle_nodes import load_hyperstyle, ops
 from hyperstyle_nodes.optimize import _cached_losses, image_losses
 from hyperstyle_nodes.train import losses as train_losses
@@ -192,12 +192,7 @@ def fake_comfy(monkeypatch, interrupt_at=None):
         if interrupt_at is not None and len(updates) >= interrupt_at:
             raise Interrupted("cancelled by the user")
 
-    comfy = types.ModuleType("comfy")
-    comfy.utils = types.SimpleNamespace(ProgressBar=FakeBar)
-    comfy.model_management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupt)
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    install_fake_comfy(monkeypatch, FakeBar, interrupt)
     return updates, Interrupted
 
 
