@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperstyle_nodes import landmarks as landmark_models  # noqa: E402
-from hyperstyle_nodes.alignment import ffhq_quad, find_faces  # noqa: E402
-from hyperstyle_nodes.face_detect import load_face_detector  # noqa: E402
+from hyperstyle_nodes.faces import landmarks as landmark_models  # noqa: E402
+from hyperstyle_nodes.faces.alignment import ffhq_quad, find_faces  # noqa: E402
+from hyperstyle_nodes.faces.face_detect import load_face_detector  # noqa: E402
 
 ASSETS = Path(os.environ.get("HYPERSTYLE_TEST_ASSETS", Path(__file__).resolve().parents[2] / "shared"))
 DEFAULT_ANGLES = "0,90,180,270,-30,-15,15,30"

@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyperstyle_nodes import load_hyperstyle  # noqa: E402
-from hyperstyle_nodes.model import HYPERNET_INPUT_SIZE, pool_to  # noqa: E402
-from hyperstyle_nodes.optimize import descend, image_losses  # noqa: E402
-from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE, pool_to  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.optimize import descend, image_losses  # noqa: E402
+from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig  # noqa: E402
 from hyperstyle_nodes.train.data import find_images, load_image  # noqa: E402
 
 

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperstyle_nodes.encoders import EncoderConfig, build_encoder  # noqa: E402
-from hyperstyle_nodes.hypernetwork import HyperNetwork, HypernetConfig  # noqa: E402
-from hyperstyle_nodes.model import HyperStyleModel, load_hyperstyle  # noqa: E402
-from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, set_compile  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, build_encoder  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork, HypernetConfig  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel, load_hyperstyle  # noqa: E402
+from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig, set_compile  # noqa: E402
 from hyperstyle_nodes.tiny import (randomize_, tiny_encoder_config, tiny_generator_config,  # noqa: E402
                                    tiny_hypernet_config, write_tiny_checkpoints)
 

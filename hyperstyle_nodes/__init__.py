@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 # Loaded on first use (PEP 562), so `python -m hyperstyle_nodes edit --help` answers without importing torch.
 _LAZY_NAMES = {
-    "CheckpointError": "checkpoints", "read_checkpoint": "checkpoints",
-    "HyperStyleModel": "model", "Inversion": "model", "load_generator": "model", "load_hyperstyle": "model",
+    "CheckpointError": "loaders.checkpoints", "read_checkpoint": "loaders.checkpoints",
+    "HyperStyleModel": "engines.hyperstyle.model", "Inversion": "engines.hyperstyle.model",
+    "load_generator": "engines.hyperstyle.model", "load_hyperstyle": "engines.hyperstyle.model",
 }
 
 if TYPE_CHECKING:
-    from .checkpoints import CheckpointError, read_checkpoint
-    from .model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
+    from hyperstyle_nodes.loaders.checkpoints import CheckpointError, read_checkpoint
+    from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
 
 __all__ = ["load_hyperstyle", "load_generator", "HyperStyleModel", "Inversion", "CheckpointError", "read_checkpoint"]
 __version__ = "0.1.0"

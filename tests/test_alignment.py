@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hyperstyle_nodes.alignment import (AlignmentRecord, NoFaceError, align_batch, align_face, ffhq_quad,
+from hyperstyle_nodes.faces.alignment import (AlignmentRecord, NoFaceError, align_batch, align_face, ffhq_quad,
                                         paste_back, paste_back_batch)
-from hyperstyle_nodes.face_detect import load_face_detector
+from hyperstyle_nodes.faces.face_detect import load_face_detector
 
 ALIGNED_SIZE = 1024
 ASSETS_FACES = Path(os.environ.get("HYPERSTYLE_TEST_ASSETS", Path(__file__).resolve().parents[2] / "shared")) / \
@@ -450,7 +450,7 @@ class DuplicatingDetector:
         self.detector = detector
 
     def detect(self, image, threshold=0.9):
-        from hyperstyle_nodes.face_detect import Face
+        from hyperstyle_nodes.faces.face_detect import Face
 
         faces = self.detector.detect(image, threshold=threshold)
         if not faces:
@@ -496,7 +496,7 @@ def load_bench():
 
 @pytest.fixture(scope="module")
 def dlib68():
-    from hyperstyle_nodes import landmarks
+    from hyperstyle_nodes.faces import landmarks
 
     pytest.importorskip("dlib", reason="the dlib extra is not installed (pip install 'hyperstyle-nodes[dlib]')")
     if landmarks.packaged_predictor_path() is None:
@@ -505,7 +505,7 @@ def dlib68():
 
 
 def test_auto_landmarks_reproduce_the_ffhq_recipe_on_upright_photos(dlib68, detector, face_photos):
-    from hyperstyle_nodes import landmarks
+    from hyperstyle_nodes.faces import landmarks
 
     bench = load_bench()
     assert landmarks.get_landmarks_model("auto") is dlib68, "auto must pick dlib's 68 points when installed"
@@ -542,7 +542,7 @@ def test_turned_photos_give_the_upright_photos_face(dlib68, detector, degrees):
     the upright photo, within 2% of the crop side."""
     bench = load_bench()
     for name in ("astronaut.png", "portrait_a.jpg"):
-        from hyperstyle_nodes.alignment import find_faces
+        from hyperstyle_nodes.faces.alignment import find_faces
 
         upright = np.asarray(Image.open(ASSETS_FACES / name).convert("RGB"))
         upright_quad = find_faces(torch.from_numpy(upright.copy()) / 255.0, detector, 0.9, dlib68)[0].quad
@@ -554,7 +554,7 @@ def test_turned_photos_give_the_upright_photos_face(dlib68, detector, degrees):
 
 
 def test_missing_dlib_or_predictor_file_falls_back_or_explains(monkeypatch, tmp_path, caplog, detector, photos):
-    from hyperstyle_nodes import landmarks
+    from hyperstyle_nodes.faces import landmarks
 
     monkeypatch.setattr(landmarks, "_warned", set())
     monkeypatch.setattr(landmarks, "dlib_installed", lambda: False)
@@ -622,7 +622,8 @@ def test_paste_back_of_several_close_faces_is_one_seamless_pass(detector, photos
 def test_registry_entry_for_the_predictor_is_the_packaged_file():
     """The registry's size and sha256 for dlib's predictor are those of face_recognition_models' copy (the file
     CI uses), so a download from the mirror is checked against the very file the tests ran with."""
-    from hyperstyle_nodes import downloads, landmarks
+    from hyperstyle_nodes.loaders import downloads
+    from hyperstyle_nodes.faces import landmarks
 
     entry = downloads.load_registry()[landmarks.PREDICTOR_REGISTRY_NAME]
     assert entry.kind == "landmarks" and entry.local_name == landmarks.PREDICTOR_FILE_NAME

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperstyle_nodes.model import HyperStyleModel
+from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
 
@@ -166,7 +166,7 @@ def test_weights_watch_sees_replaced_weights(tiny_model):
     ComfyUI patches weights) and weights moved in place, and copies must not inherit the original's graphs."""
     import copy
 
-    from hyperstyle_nodes.cuda_graphs import WeightsWatch, weights_signature
+    from hyperstyle_nodes.stylegan2.cuda_graphs import WeightsWatch, weights_signature
 
     model = copy.deepcopy(tiny_model)
     assert model._graph_cache is None
@@ -203,7 +203,7 @@ def test_chunk_size_respects_a_per_process_memory_cap(monkeypatch):
 
 def test_graphs_warm_up_on_one_stream_per_device(monkeypatch):
     """cuBLAS keeps a workspace per stream for the life of the process: recording graphs must not make new streams."""
-    from hyperstyle_nodes import cuda_graphs
+    from hyperstyle_nodes.stylegan2 import cuda_graphs
 
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from hyperstyle_nodes import CheckpointError, convert, load_generator, load_hyperstyle, read_checkpoint
+from hyperstyle_nodes import CheckpointError, load_generator, load_hyperstyle, read_checkpoint
+from hyperstyle_nodes.loaders import convert
 from hyperstyle_nodes.tiny import write_tiny_checkpoints
 
 
@@ -127,7 +128,7 @@ def test_namespace_opts_are_allowed(tiny_ckpts, tmp_path):
 
 def test_convert_cli_entry_point(tiny_ckpts, tmp_path):
     dst = tmp_path / "generator.safetensors"
-    result = subprocess.run([sys.executable, "-m", "hyperstyle_nodes.convert", str(tiny_ckpts["generator"]), str(dst)],
+    result = subprocess.run([sys.executable, "-m", "hyperstyle_nodes.loaders.convert", str(tiny_ckpts["generator"]), str(dst)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "generator.pt is a StyleGAN2 generator" in result.stdout and dst.is_file()

@@ -62,7 +62,7 @@ def test_folder_without_faces_fails_clearly(models_dir, tmp_path, capsys):
 
 def test_offline_run_lists_every_missing_file_at_once(tmp_path, capsys, assets_dir):
     """Nothing downloaded: one run names the detector, checkpoint, encoder and each direction, with URL and path."""
-    from hyperstyle_nodes import downloads
+    from hyperstyle_nodes.loaders import downloads
 
     photo = assets_dir / "testdata" / "faces" / "astronaut.png"
     empty = tmp_path / "empty"
@@ -82,7 +82,8 @@ def test_offline_run_lists_every_missing_file_at_once(tmp_path, capsys, assets_d
 
 def test_failed_download_also_names_the_other_missing_files(tmp_path, capsys, assets_dir, monkeypatch):
     """Online but unreachable: the download error comes with the rest of what is missing, not one file per run."""
-    from hyperstyle_nodes import downloads, ops
+    from hyperstyle_nodes import ops
+    from hyperstyle_nodes.loaders import downloads
 
     def unreachable(name, device):
         raise downloads.WeightsUnavailableError(f"'{name}' is not downloaded yet and the Hub could not be reached")
@@ -263,7 +264,7 @@ def test_library_names_still_import_from_the_package():
     """The lazy package keeps `from hyperstyle_nodes import load_hyperstyle, CheckpointError, ops` working."""
     import hyperstyle_nodes
     from hyperstyle_nodes import CheckpointError, load_hyperstyle, ops
-    from hyperstyle_nodes.checkpoints import CheckpointError as direct
+    from hyperstyle_nodes.loaders.checkpoints import CheckpointError as direct
 
     assert CheckpointError is direct and callable(load_hyperstyle) and ops.__name__ == "hyperstyle_nodes.ops"
     assert set(hyperstyle_nodes.__all__) <= set(dir(hyperstyle_nodes))

@@ -67,7 +67,7 @@ def server(tmp_path_factory, tiny_ckpts):
 def _add_text_edit_files(models, generator_file):
     """A tiny CLIP under the default CLIP's folder name and synthetic StyleCLIP files for the tiny generator."""
     try:
-        from hyperstyle_nodes.model import load_generator
+        from hyperstyle_nodes.engines.hyperstyle.model import load_generator
         from hyperstyle_nodes.tiny import write_tiny_clip, write_tiny_styleclip_files
 
         write_tiny_clip(models / "clip-vit-base-patch32")

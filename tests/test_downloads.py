@@ -16,8 +16,8 @@ from pathlib import Path
 import huggingface_hub.constants as hf_constants
 import pytest
 
-from hyperstyle_nodes import downloads
-from hyperstyle_nodes.downloads import (DownloadError, KindMismatchError, RegistryError, UnknownModelError,
+from hyperstyle_nodes.loaders import downloads
+from hyperstyle_nodes.loaders.downloads import (DownloadError, KindMismatchError, RegistryError, UnknownModelError,
                                         WeightsError, WeightsUnavailableError, list_local_models, resolve)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

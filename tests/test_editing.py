@@ -1,4 +1,4 @@
-"""Tests for hyperstyle_nodes.editing: directions, layer ranges, sweeps, GANSpace and direction files."""
+"""Tests for hyperstyle_nodes.editing.directions: directions, layer ranges, sweeps, GANSpace and direction files."""
 import inspect
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hyperstyle_nodes.editing import (
+from hyperstyle_nodes.editing.directions import (
     apply_direction, apply_ganspace, deltas_for_sweep, linspace_strengths, list_direction_files, load_direction,
     load_ganspace, sweep, sweep_source_indices,
 )
@@ -278,7 +278,8 @@ def test_list_direction_files(tmp_path):
 
 def test_a_checkpoint_is_refused_as_a_direction(tiny_ckpts, tmp_path):
     """Before: a checkpoint's only top-level tensor, latent_avg, was taken as the direction."""
-    from hyperstyle_nodes import convert, ops
+    from hyperstyle_nodes import ops
+    from hyperstyle_nodes.loaders import convert
 
     for name in ("hyperstyle", "generator"):
         with pytest.raises(ValueError, match=rf"{name}.pt: this is a model checkpoint \(it holds .*'latent_avg'\), "
@@ -297,7 +298,7 @@ def test_a_checkpoint_is_refused_as_a_direction(tiny_ckpts, tmp_path):
 
 def test_a_saved_inversion_is_refused_as_a_direction(tmp_path):
     """Before: an inversion without offsets holds one tensor, its codes, which was taken as a W+ direction."""
-    from hyperstyle_nodes.inversion_io import save_inversion
+    from hyperstyle_nodes.loaders.inversion_io import save_inversion
 
     path = save_inversion(tmp_path / "inv", torch.randn(1, 12, 64), [None] * 20, "model")
     with pytest.raises(ValueError, match="inv.safetensors: this is a saved inversion .*not an edit direction"):

@@ -7,8 +7,8 @@ import torch
 
 import torch.nn.functional as F
 
-from hyperstyle_nodes import stylegan2
-from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig, ModulatedConv2d, Upsample, pack
+from hyperstyle_nodes.stylegan2 import generator as stylegan2
+from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig, ModulatedConv2d, Upsample, pack
 from hyperstyle_nodes.tiny import make_generator, tiny_generator_config
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hyperstyle_nodes import alignment, image_checks, ops
-from hyperstyle_nodes.face_detect import to_rgb_float
+from hyperstyle_nodes import image_checks, ops
+from hyperstyle_nodes.faces import alignment
+from hyperstyle_nodes.faces.face_detect import to_rgb_float
 
 
 def smooth_rgb(size=64, seed=0):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperstyle_nodes import load_hyperstyle
-from hyperstyle_nodes.model import pool_to
+from hyperstyle_nodes.engines.hyperstyle.model import pool_to
 
 
 def psnr(a, b):
@@ -103,7 +103,7 @@ def test_bf16_matches_fp32(tiny_ckpts, face_batch):
 def test_batched_hypernet_heads_equal_each_head_alone(separable):
     """The heads' convolution stacks run together as grouped convolutions; each head's offsets must be what the head
     gives on its own (shared, per-channel and separable heads, toRGB heads included)."""
-    from hyperstyle_nodes.hypernetwork import HyperNetwork, SharedHead
+    from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork, SharedHead
     from hyperstyle_nodes.tiny import randomize_, tiny_generator_config, tiny_hypernet_config
 
     gen = tiny_generator_config(64)
@@ -133,7 +133,7 @@ def test_batched_hypernet_heads_equal_each_head_alone(separable):
 def test_hypernet_with_weights_moved_under_inference_mode():
     """ComfyUI runs nodes under torch.inference_mode, and weights moved there have no version counter: the kept
     head weights must still work (and follow a weight that is replaced)."""
-    from hyperstyle_nodes.hypernetwork import HyperNetwork
+    from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork
     from hyperstyle_nodes.tiny import randomize_, tiny_generator_config, tiny_hypernet_config
 
     hypernet = randomize_(HyperNetwork(tiny_hypernet_config(tiny_generator_config(64), "5,6,7,8,9")),
@@ -166,7 +166,7 @@ def test_3xtf32_product_keeps_fp32_accuracy(monkeypatch):
     TF32-representable high part, and the three products must give fp32 accuracy: dropping the correction term
     would be ~1e-4 off here. The CPU runs the same algebra in fp32, so this checks the math and the wiring; the GPU
     A/B is in the README."""
-    from hyperstyle_nodes import hypernetwork as hn
+    from hyperstyle_nodes.engines.hyperstyle import hypernetwork as hn
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 512, generator=g) * 0.05, torch.randn(512, 700, generator=g) / 40

@@ -1,9 +1,9 @@
-"""Tests for hyperstyle_nodes.inversion_io: bit-exact save/load of codes + weight offsets."""
+"""Tests for hyperstyle_nodes.loaders.inversion_io: bit-exact save/load of codes + weight offsets."""
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from hyperstyle_nodes.inversion_io import load_inversion, save_inversion
+from hyperstyle_nodes.loaders.inversion_io import load_inversion, save_inversion
 
 BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

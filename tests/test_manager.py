@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from hyperstyle_nodes import manager as manager_module
-from hyperstyle_nodes.manager import ModelManager, file_identity, get_manager
+from hyperstyle_nodes.loaders import manager as manager_module
+from hyperstyle_nodes.loaders.manager import ModelManager, file_identity, get_manager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINEAR_BYTES = (16 * 16 + 16) * 4  # one nn.Linear(16, 16) in float32
@@ -345,7 +345,7 @@ REAL_COMFYUI_SCRIPT = textwrap.dedent("""
     comfy.options.enable_args_parsing()
     import comfy.model_management as mm
     import torch
-    from hyperstyle_nodes.manager import ModelManager
+    from hyperstyle_nodes.loaders.manager import ModelManager
 
     calls = []
     manager = ModelManager()
@@ -376,7 +376,7 @@ def test_with_a_real_comfyui_checkout():
 def test_an_encoder_of_another_code_width_is_refused_at_load_and_not_cached(tiny_ckpts, tmp_path, no_gpu):
     """It used to load, fail only in Encode with a raw size mismatch, and stay in the cache."""
     from hyperstyle_nodes import CheckpointError, ops
-    from hyperstyle_nodes.encoders import build_encoder
+    from hyperstyle_nodes.engines.hyperstyle.encoders import build_encoder
     from hyperstyle_nodes.tiny import tiny_encoder_config, tiny_generator_config
 
     narrow_codes = build_encoder(tiny_encoder_config("w_encoder", tiny_generator_config(128, style_dim=32)))

@@ -7,7 +7,7 @@ import torch
 import nodes as pack_nodes
 from conftest import install_fake_comfy
 from hyperstyle_nodes import CheckpointError, ops
-from hyperstyle_nodes.manager import get_manager
+from hyperstyle_nodes.loaders.manager import get_manager
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_signatures_let_the_same_generator_through(model, other_models, tmp_path
     """What must keep working: edited latents, another domain's generator, a saved inversion loaded back, e4e codes
     refined with the W-encoder model of the same file, the file converted to safetensors, and offsets decoded by
     another HyperStyle file built on the same generator (they fit it: same image)."""
-    from hyperstyle_nodes import convert
+    from hyperstyle_nodes.loaders import convert
 
     images = comfy_images(1)
     (with_e4e,) = pack_nodes.HyperStyleLoader().load("tiny_hyperstyle.pt", "tiny_e4e.pt", "fp32", "cpu")

@@ -1,4 +1,4 @@
-"""The iterator (hyperstyle_nodes/optimize.py): gradient descent on codes / offsets from the encoder's start, on the
+"""The iterator (hyperstyle_nodes/engines/hyperstyle/optimize.py): gradient descent on codes / offsets from the encoder's start, on the
 tiny 128-px model; its node (progress with previews, cancel) and its loss networks (tiny stand-ins, never a
 download)."""
 import shutil
@@ -11,7 +11,7 @@ import torch
 import nodes as pack_nodes
 from conftest import install_fake_comfy
 from hyperstyle_nodes import load_hyperstyle, ops
-from hyperstyle_nodes.optimize import _cached_losses, image_losses
+from hyperstyle_nodes.engines.hyperstyle.optimize import _cached_losses, image_losses
 from hyperstyle_nodes.train import losses as train_losses
 
 STEPS = 6
@@ -228,7 +228,8 @@ def test_node_can_be_cancelled(node_model, face_batch, monkeypatch):
 
 
 def test_cli_optimize_steps_changes_the_saved_inversion(tiny_ckpts, assets_dir, tmp_path, monkeypatch, capsys):
-    from hyperstyle_nodes import cli, inversion_io
+    from hyperstyle_nodes import cli
+    from hyperstyle_nodes.loaders import inversion_io
 
     monkeypatch.delenv("HYPERSTYLE_MODELS_DIR", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the CLI sets these for its process; undone after

@@ -72,7 +72,7 @@ def test_save_and_load_inversion_inside_the_output_folder(comfy_like):
 
 
 def test_load_inversion_node_refuses_files_outside_the_output_folder(comfy_like, tmp_path):
-    from hyperstyle_nodes.inversion_io import save_inversion
+    from hyperstyle_nodes.loaders.inversion_io import save_inversion
     secret = save_inversion(tmp_path / "secret", torch.zeros(1, 12, 64), [None] * 3, "m")
     for name in ("../../secret.safetensors", str(secret)):
         with pytest.raises(UnsafePathError, match="inversion .* is refused: it points outside the output folder"):

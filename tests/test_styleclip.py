@@ -9,10 +9,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hyperstyle_nodes import cli, convert, ops, styleclip  # noqa: E402
-from hyperstyle_nodes.downloads import WeightsUnavailableError  # noqa: E402
-from hyperstyle_nodes.manager import get_manager  # noqa: E402
-from hyperstyle_nodes.stylegan2 import style_index  # noqa: E402
+from hyperstyle_nodes import cli, ops  # noqa: E402
+from hyperstyle_nodes.loaders import convert
+from hyperstyle_nodes.editing import styleclip
+from hyperstyle_nodes.loaders.downloads import WeightsUnavailableError  # noqa: E402
+from hyperstyle_nodes.loaders.manager import get_manager  # noqa: E402
+from hyperstyle_nodes.stylegan2.generator import style_index  # noqa: E402
 from hyperstyle_nodes.tiny import write_tiny_clip, write_tiny_styleclip_files  # noqa: E402
 
 NEUTRAL, TARGET = "face with hair", "face with curly hair"
@@ -120,7 +122,7 @@ def test_beta_that_zeroes_every_channel_says_so(tmp_path, tiny_model):
 
 
 def test_files_of_another_generator_are_refused(tmp_path, tiny_model):
-    from hyperstyle_nodes.stylegan2 import Generator, GeneratorConfig
+    from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig
 
     other = Generator(GeneratorConfig.stylegan2(size=64, narrow=1 / 16, style_dim=64))
     folder = write_tiny_styleclip_files(tmp_path, other)

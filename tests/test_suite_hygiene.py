@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperstyle_nodes import downloads
+from hyperstyle_nodes.loaders import downloads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE = '''import sys

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hyperstyle_nodes import load_hyperstyle
-from hyperstyle_nodes.stylegan2 import GeneratorConfig
+from hyperstyle_nodes.stylegan2.generator import GeneratorConfig
 from hyperstyle_nodes.train.cli import SELFCHECK_DEFAULTS, apply_selfcheck_defaults, build_parser, main
 from hyperstyle_nodes.train.data import ShardedSampler, default_workers
 from hyperstyle_nodes.train.logs import StageProgress, projected_seconds

@@ -3,7 +3,9 @@ import os
 
 import torch
 
-from hyperstyle_nodes import cuda_graphs, stylegan2, warmup
+from hyperstyle_nodes.stylegan2 import cuda_graphs
+from hyperstyle_nodes.stylegan2 import generator as stylegan2
+from hyperstyle_nodes.stylegan2 import warmup
 
 
 def fresh_state(monkeypatch, user_env: dict):

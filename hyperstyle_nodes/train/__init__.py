@@ -6,7 +6,7 @@
 
 Files: cli.py (command line), runs.py (options -> a stage), stages.py (what a step computes), loop.py (steps,
 validation, checkpoints, resume, stops), data.py, losses.py, models.py, checkpoint.py, logs.py, dist.py (torchrun),
-synthetic.py. The networks are the engine's (hyperstyle_nodes.stylegan2 / encoders / hypernetwork / model);
+synthetic.py. The networks are the engine's (hyperstyle_nodes.stylegan2.generator / encoders / hypernetwork / model);
 checkpoints are written in the released format and load with `hyperstyle_nodes.load_hyperstyle`.
 """
 

@@ -1,5 +1,5 @@
 """Collaborative training of the W-encoder (Guan et al., "Collaborative Learning for Faster StyleGAN Embedding",
-2020): each batch, the iterator (hyperstyle_nodes/optimize.py) refines the encoder's codes for a few steps; a cache
+2020): each batch, the iterator (hyperstyle_nodes/engines/hyperstyle/optimize.py) refines the encoder's codes for a few steps; a cache
 keeps every training image's best code so far (replaced only by one with a lower loss); the encoder learns from the
 image losses plus a latent loss towards the cached codes:
     loss = image losses(G(E(x)), x) + latent_lambda * |E(x) - cache[x]|^2
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import pool_to
-from ..optimize import descend
+from hyperstyle_nodes.engines.hyperstyle.model import pool_to
+from hyperstyle_nodes.engines.hyperstyle.optimize import descend
 from .dist import DistInfo
 from .stages import EncoderStage
 

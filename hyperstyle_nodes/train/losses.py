@@ -2,7 +2,7 @@
 
 Every loss compares the (pooled) generator output with the target at the loss size, both in [-1, 1]. The frozen
 networks behind LPIPS / identity / MoCo are pretrained; their weights come through the weights registry or the
-models folder (`hyperstyle_nodes.downloads.resolve`), never from an implicit download. A loss whose weights cannot
+models folder (`hyperstyle_nodes.loaders.downloads.resolve`), never from an implicit download. A loss whose weights cannot
 be found is an error that says where to put them, or to set its lambda to 0.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import EncoderConfig, IRSEBackbone
-from ..model import HYPERNET_INPUT_SIZE, pool_to
+from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, IRSEBackbone
+from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE, pool_to
 
 # Pretrained weights: (file name in the models folder, registry name, what it is, where it comes from).
 LOSS_WEIGHTS = {
@@ -41,7 +41,7 @@ class LossWeightsError(RuntimeError):
 def resolve_loss_weights(loss: str, given: Optional[str] = None) -> Path:
     """The local file for a loss's pretrained network: the given path/name, else the file name in the models
     folder, else the registry name (which may download it), else torch hub's cache."""
-    from .. import downloads
+    from hyperstyle_nodes.loaders import downloads
 
     file_name, registry_name, what, source = LOSS_WEIGHTS[loss]
     candidates = [given] if given else [file_name, registry_name]
@@ -67,7 +67,7 @@ def resolve_loss_weights(loss: str, given: Optional[str] = None) -> Path:
 
 
 def _load_state(path: Path) -> dict:
-    from ..checkpoints import torch_load_safely
+    from hyperstyle_nodes.loaders.checkpoints import torch_load_safely
 
     state = torch_load_safely(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state

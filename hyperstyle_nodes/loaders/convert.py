@@ -1,7 +1,7 @@
 """Convert a released .pt checkpoint to .safetensors (no pickle; faster, safer loading).
 
-    python -m hyperstyle_nodes.convert hyperstyle_ffhq.pt hyperstyle_ffhq.safetensors
-    python -m hyperstyle_nodes.convert S_mean_std S_mean_std.safetensors
+    python -m hyperstyle_nodes.loaders.convert hyperstyle_ffhq.pt hyperstyle_ffhq.safetensors
+    python -m hyperstyle_nodes.loaders.convert S_mean_std S_mean_std.safetensors
 
 The file's kind and options go into the safetensors metadata; loading the result gives bit-identical outputs.
 StyleCLIP's `S_mean_std` (a pickle of numpy arrays, told apart by its name) is read without running code.
@@ -12,12 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import styleclip
-from .checkpoints import CheckpointError, read_checkpoint, save_safetensors
+from hyperstyle_nodes.editing import styleclip
+from hyperstyle_nodes.loaders.checkpoints import CheckpointError, read_checkpoint, save_safetensors
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hyperstyle_nodes.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m hyperstyle_nodes.loaders.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path, help="a HyperStyle, W-encoder, e4e or StyleGAN2 (.pt/.pth) checkpoint, "
                                                  "or StyleCLIP's S_mean_std")

@@ -40,8 +40,8 @@ REPO_TYPES = ("model", "space")
 REGISTRY_FIELDS = ("repo_id", "filename", "repo_type", "size", "sha256", "kind", "licence", "description")
 # weights/registry.json in a checkout (ComfyUI custom_nodes, editable installs); a wheel ships the same file as
 # package data (pyproject maps weights/ to hyperstyle_nodes/registry/).
-_CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "weights" / "registry.json"
-_PACKAGED_REGISTRY = Path(__file__).resolve().parent / "registry" / "registry.json"
+_CHECKOUT_REGISTRY = Path(__file__).resolve().parents[2] / "weights" / "registry.json"
+_PACKAGED_REGISTRY = Path(__file__).resolve().parents[1] / "registry" / "registry.json"
 DEFAULT_REGISTRY_PATH = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else _PACKAGED_REGISTRY
 # Remembers which files were already hashed, so multi-GB checkpoints are hashed once, not on every run.
 VERIFIED_SIDECAR = ".hyperstyle_verified.json"

@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from .encoders import EncoderConfig
-from .hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
-from .stylegan2 import GeneratorConfig, check_size, log2
+from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig
+from hyperstyle_nodes.engines.hyperstyle.hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
+from hyperstyle_nodes.stylegan2.generator import GeneratorConfig, check_size, log2
 
 HYPERSTYLE, W_ENCODER, E4E, GENERATOR = "hyperstyle", "w_encoder", "e4e", "generator"
 KIND_DESCRIPTIONS = {
@@ -425,7 +425,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise CheckpointError(f"{path.name} is a safetensors file but not one written by hyperstyle-nodes (its "
                               f"metadata has no format={SAFETENSORS_FORMAT!r}); convert the original .pt file with "
-                              "`python -m hyperstyle_nodes.convert IN.pt OUT.safetensors`.")
+                              "`python -m hyperstyle_nodes.loaders.convert IN.pt OUT.safetensors`.")
     kind = metadata.get("kind")
     if kind not in KIND_DESCRIPTIONS:
         raise CheckpointError(f"{path.name}: unknown kind {kind!r} in its metadata")
