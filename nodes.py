@@ -5,15 +5,17 @@ Node ids (the class names in NODE_CLASS_MAPPINGS) are public API: saved workflow
 from __future__ import annotations
 
 try:  # inside ComfyUI this file is a submodule of the pack's package
-    from .hyperstyle_nodes import alignment as face_alignment
-    from .hyperstyle_nodes import downloads, ops, safe_paths, warmup
+    from .hyperstyle_nodes import ops, safe_paths
+    from .hyperstyle_nodes.faces import alignment as face_alignment
+    from .hyperstyle_nodes.loaders import downloads
     from .hyperstyle_nodes.loaders.manager import DEVICE_CHOICES, DTYPE_CHOICES
+    from .hyperstyle_nodes.stylegan2 import warmup
 except ImportError:  # imported as a top-level module (tests, scripts)
-    from hyperstyle_nodes.faces import alignment as face_alignment
     from hyperstyle_nodes import ops, safe_paths
+    from hyperstyle_nodes.faces import alignment as face_alignment
     from hyperstyle_nodes.loaders import downloads
-    from hyperstyle_nodes.stylegan2 import warmup
     from hyperstyle_nodes.loaders.manager import DEVICE_CHOICES, DTYPE_CHOICES
+    from hyperstyle_nodes.stylegan2 import warmup
 
 CATEGORY = "HyperStyle"
 ALIGNED_FACE_TIP = ("Face-aligned photo(s) (use Align Face first). Any size or aspect is resized to 256x256 for the "

@@ -19,8 +19,8 @@ _LAZY_NAMES = {
 }
 
 if TYPE_CHECKING:
-    from hyperstyle_nodes.loaders.checkpoints import CheckpointError, read_checkpoint
-    from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
+    from .loaders.checkpoints import CheckpointError, read_checkpoint
+    from .engines.hyperstyle.model import HyperStyleModel, Inversion, load_generator, load_hyperstyle
 
 __all__ = ["load_hyperstyle", "load_generator", "HyperStyleModel", "Inversion", "CheckpointError", "read_checkpoint"]
 __version__ = "0.1.0"

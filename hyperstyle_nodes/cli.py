@@ -218,7 +218,7 @@ def check_needed_files(needs: list, offline: bool) -> tuple:
     A name that is neither a file nor a registry name of the right kind is a usage error (listing the known names).
     A registry file with no copy in the models folder is missing; offline, so is one whose copy fails its check.
     """
-    from hyperstyle_nodes.loaders import downloads
+    from .loaders import downloads
 
     folders = downloads.model_folders()
     registry = downloads.load_registry()
@@ -286,7 +286,7 @@ def run_edit(args) -> int:
     offline = offline_reason(args)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from hyperstyle_nodes.loaders.downloads import WeightsError
+    from .loaders.downloads import WeightsError
     try:
         errors, missing = check_needed_files(needed_files(args, edits), offline=bool(offline))
     except WeightsError as err:  # the registry itself is unreadable
@@ -311,11 +311,11 @@ def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
     from PIL import Image, ImageOps
     from tqdm import tqdm
 
-    from hyperstyle_nodes import image_checks, ops
-    from hyperstyle_nodes.faces import alignment
-    from hyperstyle_nodes.stylegan2 import warmup
-    from hyperstyle_nodes.loaders.downloads import WeightsUnavailableError
-    from hyperstyle_nodes.loaders.manager import get_manager
+    from . import image_checks, ops
+    from .faces import alignment
+    from .stylegan2 import warmup
+    from .loaders.downloads import WeightsUnavailableError
+    from .loaders.manager import get_manager
 
     try:
         device = get_manager().get_device(args.device)
@@ -329,7 +329,7 @@ def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
               "for fp16, or --precision bf16 to halve the memory on the CPU.", file=sys.stderr)
         precision = "fp32"
 
-    from hyperstyle_nodes.editing.styleclip import StyleClipError
+    from .editing.styleclip import StyleClipError
 
     option = f"--detector {args.detector}"
     try:
@@ -343,7 +343,7 @@ def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
             option = f"--text {args.text}"
             ops.text_direction(model, *text_edit, args.beta)
         if args.optimize_steps > 0:  # and the iterator's loss networks
-            from hyperstyle_nodes.engines.hyperstyle.optimize import image_losses
+            from .engines.hyperstyle.optimize import image_losses
             option = f"--optimize-lpips {args.optimize_lpips}"
             image_losses(1.0, args.optimize_lpips)
     except StyleClipError as err:

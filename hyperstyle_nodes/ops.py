@@ -15,16 +15,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from hyperstyle_nodes.loaders import checkpoints as ckpts
-from hyperstyle_nodes import image_checks, safe_paths
-from hyperstyle_nodes.loaders import downloads
-from hyperstyle_nodes.editing import directions as editing
-from hyperstyle_nodes.loaders import inversion_io
-from hyperstyle_nodes.editing import styleclip
-from hyperstyle_nodes.faces.face_detect import FaceDetector, load_face_detector
-from hyperstyle_nodes.loaders.manager import file_identity, get_manager
-from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel, load_generator, load_hyperstyle
-from hyperstyle_nodes.stylegan2.generator import Generator
+from .loaders import checkpoints as ckpts
+from . import image_checks, safe_paths
+from .loaders import downloads
+from .editing import directions as editing
+from .loaders import inversion_io
+from .editing import styleclip
+from .faces.face_detect import FaceDetector, load_face_detector
+from .loaders.manager import file_identity, get_manager
+from .engines.hyperstyle.model import HyperStyleModel, load_generator, load_hyperstyle
+from .stylegan2.generator import Generator
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def domain_adaptation_deltas(deltas: Optional[list]) -> Optional[list]:
 
 def direction_choices() -> list:
     """Registry directions (InterFaceGAN, GANSpace) and the user's files in models/hyperstyle/directions/."""
-    from hyperstyle_nodes.loaders.downloads import list_local_models, models_dir
+    from .loaders.downloads import list_local_models, models_dir
     names = [n for n in list_local_models("direction") + list_local_models("ganspace") if "/" not in n]
     names = [n for n in dict.fromkeys(names) if not n.endswith((".pt", ".pth", ".npy", ".safetensors"))]
     return names + [f"directions/{f}" for f in editing.list_direction_files(models_dir() / "directions")]

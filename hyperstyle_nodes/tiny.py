@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, build_encoder
-from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork, HypernetConfig
-from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig
+from .engines.hyperstyle.encoders import EncoderConfig, build_encoder
+from .engines.hyperstyle.hypernetwork import HyperNetwork, HypernetConfig
+from .stylegan2.generator import Generator, GeneratorConfig
 
 TINY_LAYERS_TO_TUNE = "0,2,3,5,6,8,9,11,12,14,15"  # shared 3x3 layers and the per-channel 128-px layers
 TINY_WIDTHS = (16, 32, 64, 128)
@@ -25,7 +25,7 @@ def tiny_generator_config(size: int = 128, narrow: float = 1 / 16, style_dim: in
 
 def tiny_hypernet_config(gen: GeneratorConfig, layers_to_tune: str = TINY_LAYERS_TO_TUNE, separable=False,
                          widths=TINY_WIDTHS) -> HypernetConfig:
-    from hyperstyle_nodes.engines.hyperstyle.hypernetwork import parse_layers_to_tune
+    from .engines.hyperstyle.hypernetwork import parse_layers_to_tune
     layers = tuple(i for i in parse_layers_to_tune(layers_to_tune, len(gen.layer_shapes)) if i < len(gen.layer_shapes))
     return HypernetConfig(layer_shapes=tuple(gen.layer_shapes), layers_to_tune=layers, separable=separable,
                           widths=widths, feature_dim=64, head_channels=32, shared_head_channels=16)

@@ -60,3 +60,20 @@ def test_suite_leaves_the_home_folder_alone(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
+
+
+def test_library_imports_itself_only_relatively():
+    """Inside ComfyUI the pack is the package `custom_nodes/<folder>` and the library its subpackage: the absolute
+    name `hyperstyle_nodes` is importable there only if the user also pip-installed it. An absolute self-import in
+    the library would make ComfyUI report IMPORT FAILED for the whole pack."""
+    import ast
+
+    library = Path(__file__).resolve().parents[1] / "hyperstyle_nodes"
+    absolute = []
+    for path in sorted(library.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            absolute += [f"{path.relative_to(library.parent)}:{node.lineno}" for name in names
+                         if name == "hyperstyle_nodes" or name.startswith("hyperstyle_nodes.")]
+    assert not absolute, f"absolute self-imports (use relative ones): {absolute}"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyperstyle_nodes.loaders import downloads
+from ..loaders import downloads
 
 EDITED_LAYERS = 11  # the official code edits the first 11 non-toRGB layers (STYLESPACE_INDICES_WITHOUT_TORGB[:11])
 CONTEXT_LENGTH = 77  # CLIP's text context, start and end tokens included

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hyperstyle_nodes.faces import landmarks as landmark_models
-from hyperstyle_nodes.faces.face_detect import Face, FaceDetector, ImageLike, numpy_to_tensor, to_rgb_float
+from . import landmarks as landmark_models
+from .face_detect import Face, FaceDetector, ImageLike, numpy_to_tensor, to_rgb_float
 
 SELECTIONS = ("largest", "index", "all")
 LANDMARK_CHOICES = landmark_models.LANDMARK_CHOICES

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from hyperstyle_nodes import image_checks
+from .. import image_checks
 
 # Network name accepted by us -> (facexlib network_name, file name of the released facexlib weights).
 _NETWORKS = {

@@ -126,7 +126,7 @@ class Dlib68Landmarks:
 
     def locate(self, image_u8: np.ndarray, quad, photo_rects=()) -> Located:
         """The recipe's five points for the face whose approximate FFHQ square is `quad` (e.g. from RetinaFace)."""
-        from hyperstyle_nodes.faces.alignment import ffhq_quad
+        from .alignment import ffhq_quad
 
         quad = np.asarray(quad, dtype=np.float64)
         rect = _matching_rect(photo_rects, quad, None, None)
@@ -275,7 +275,7 @@ def predictor_path() -> Path:
     packaged = packaged_predictor_path()
     if packaged is not None:
         return packaged
-    from hyperstyle_nodes.loaders.downloads import resolve
+    from ..loaders.downloads import resolve
 
     return resolve(PREDICTOR_REGISTRY_NAME, kind="landmarks")
 
@@ -298,7 +298,7 @@ def get_landmarks_model(choice: str = AUTO) -> Optional[Dlib68Landmarks]:
             raise LandmarksUnavailableError(f"landmarks='{DLIB68}' needs dlib: {INSTALL_HINT}")
         _say_once("no-dlib", "HyperStyle: " + message)
         return None
-    from hyperstyle_nodes.loaders.downloads import WeightsError
+    from ..loaders.downloads import WeightsError
 
     try:
         return _load_dlib68(os.fspath(predictor_path()))

@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig
-from hyperstyle_nodes.engines.hyperstyle.hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
-from hyperstyle_nodes.stylegan2.generator import GeneratorConfig, check_size, log2
+from ..engines.hyperstyle.encoders import EncoderConfig
+from ..engines.hyperstyle.hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
+from ..stylegan2.generator import GeneratorConfig, check_size, log2
 
 HYPERSTYLE, W_ENCODER, E4E, GENERATOR = "hyperstyle", "w_encoder", "e4e", "generator"
 KIND_DESCRIPTIONS = {

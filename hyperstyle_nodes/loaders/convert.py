@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hyperstyle_nodes.editing import styleclip
-from hyperstyle_nodes.loaders.checkpoints import CheckpointError, read_checkpoint, save_safetensors
+from ..editing import styleclip
+from .checkpoints import CheckpointError, read_checkpoint, save_safetensors
 
 
 def main(argv=None) -> int:

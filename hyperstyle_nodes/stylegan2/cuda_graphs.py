@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from hyperstyle_nodes.stylegan2 import warmup
+from . import warmup
 
 
 class GraphCache:
@@ -40,7 +40,7 @@ class GraphCache:
 
     def _announce(self, first_input: torch.Tensor) -> None:
         """Says once per batch size, dtype and TF32 mode that this first call compiles and records (it takes longer)."""
-        from hyperstyle_nodes.stylegan2.generator import compile_enabled
+        from .generator import compile_enabled
 
         shape = (first_input.shape[0], first_input.dtype, torch.backends.cudnn.allow_tf32,
                  torch.backends.cuda.matmul.allow_tf32)

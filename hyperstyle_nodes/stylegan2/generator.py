@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperstyle_nodes.stylegan2 import warmup
+from . import warmup
 
 BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product

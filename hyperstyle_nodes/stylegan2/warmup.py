@@ -26,7 +26,7 @@ _LOCK = threading.Lock()
 def compile_cache_dir() -> Path:
     """The persistent folder for compiled kernels: `.compile_cache` in the models folder (ComfyUI's
     models/hyperstyle, else $HYPERSTYLE_MODELS_DIR or the user cache). Hidden folders are not listed as models."""
-    from hyperstyle_nodes.loaders.downloads import model_folders
+    from ..loaders.downloads import model_folders
 
     return model_folders()[0] / ".compile_cache"
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hyperstyle_nodes.loaders.checkpoints import torch_load_safely
+from ..loaders.checkpoints import torch_load_safely
 from .models import SetupError
 
 LAST, BEST = "last.pt", "best_model.pt"

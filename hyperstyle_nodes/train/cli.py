@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hyperstyle_nodes.loaders.checkpoints import CheckpointError
-from hyperstyle_nodes.loaders.downloads import WeightsError
+from ..loaders.checkpoints import CheckpointError
+from ..loaders.downloads import WeightsError
 from .data import DataError
 from .losses import LossWeightsError
 from .models import SetupError

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hyperstyle_nodes.engines.hyperstyle.model import pool_to
-from hyperstyle_nodes.engines.hyperstyle.optimize import descend
+from ..engines.hyperstyle.model import pool_to
+from ..engines.hyperstyle.optimize import descend
 from .dist import DistInfo
 from .stages import EncoderStage
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE
+from ..engines.hyperstyle.model import HYPERNET_INPUT_SIZE
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 

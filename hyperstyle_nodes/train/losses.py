@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, IRSEBackbone
-from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE, pool_to
+from ..engines.hyperstyle.encoders import EncoderConfig, IRSEBackbone
+from ..engines.hyperstyle.model import HYPERNET_INPUT_SIZE, pool_to
 
 # Pretrained weights: (file name in the models folder, registry name, what it is, where it comes from).
 LOSS_WEIGHTS = {
@@ -41,7 +41,7 @@ class LossWeightsError(RuntimeError):
 def resolve_loss_weights(loss: str, given: Optional[str] = None) -> Path:
     """The local file for a loss's pretrained network: the given path/name, else the file name in the models
     folder, else the registry name (which may download it), else torch hub's cache."""
-    from hyperstyle_nodes.loaders import downloads
+    from ..loaders import downloads
 
     file_name, registry_name, what, source = LOSS_WEIGHTS[loss]
     candidates = [given] if given else [file_name, registry_name]
@@ -67,7 +67,7 @@ def resolve_loss_weights(loss: str, given: Optional[str] = None) -> Path:
 
 
 def _load_state(path: Path) -> dict:
-    from hyperstyle_nodes.loaders.checkpoints import torch_load_safely
+    from ..loaders.checkpoints import torch_load_safely
 
     state = torch_load_safely(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state

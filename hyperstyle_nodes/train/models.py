@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from hyperstyle_nodes.loaders import checkpoints as ckpts
-from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, build_encoder
-from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork, HypernetConfig, parse_layers_to_tune
-from hyperstyle_nodes.engines.hyperstyle.model import build_generator
-from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig, log2
+from ..loaders import checkpoints as ckpts
+from ..engines.hyperstyle.encoders import EncoderConfig, build_encoder
+from ..engines.hyperstyle.hypernetwork import HyperNetwork, HypernetConfig, parse_layers_to_tune
+from ..engines.hyperstyle.model import build_generator
+from ..stylegan2.generator import Generator, GeneratorConfig, log2
 from ..tiny import TINY_WIDTHS
 
 # Architecture presets. "full" is the released models' (IR-SE-50 W-encoder, ResNet-34 hypernetwork); "tiny" is
@@ -54,7 +54,7 @@ class GeneratorFile:
 
 def resolve_file(name_or_path, kind: Optional[str] = None) -> Path:
     """A path, a file in the models folder, or a registry name (downloaded if needed)."""
-    from hyperstyle_nodes.loaders import downloads
+    from ..loaders import downloads
 
     try:
         return downloads.resolve(name_or_path, kind=kind)

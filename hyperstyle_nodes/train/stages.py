@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel, pool_to
+from ..engines.hyperstyle.model import HyperStyleModel, pool_to
 from .dist import DistInfo
 from .losses import ReconstructionLoss
 

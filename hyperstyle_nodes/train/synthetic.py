@@ -136,7 +136,7 @@ def evaluate(hyperstyle_ckpt, w_encoder_ckpt, paths: dict, n_iters: int, out_dir
     from torchvision.utils import save_image
 
     from .. import load_hyperstyle
-    from hyperstyle_nodes.engines.hyperstyle.model import pool_to
+    from ..engines.hyperstyle.model import pool_to
     from .data import find_images, load_image
 
     model = load_hyperstyle(hyperstyle_ckpt, w_encoder=w_encoder_ckpt, device=device)

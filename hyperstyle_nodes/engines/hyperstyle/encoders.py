@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperstyle_nodes.stylegan2.generator import EqualLinear, fused
+from ...stylegan2.generator import EqualLinear, fused
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from hyperstyle_nodes.stylegan2.generator import EqualLinear, fused, tf32_for_convolutions_only, tf32_matmuls
+from ...stylegan2.generator import EqualLinear, fused, tf32_for_convolutions_only, tf32_matmuls
 
 # Layers whose offsets come from the one shared hypernet: the 3x3 convs of the 512-channel resolutions (4-64 px).
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperstyle_nodes.loaders import checkpoints as ckpts
-from hyperstyle_nodes import image_checks
-from hyperstyle_nodes.stylegan2.cuda_graphs import GraphCache, WeightsWatch
-from hyperstyle_nodes.engines.hyperstyle.encoders import build_encoder
-from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork
-from hyperstyle_nodes.stylegan2.generator import Generator
+from ...loaders import checkpoints as ckpts
+from ... import image_checks
+from ...stylegan2.cuda_graphs import GraphCache, WeightsWatch
+from .encoders import build_encoder
+from .hypernetwork import HyperNetwork
+from ...stylegan2.generator import Generator
 
 HYPERNET_INPUT_SIZE = 256
 Deltas = list  # one entry per generator layer: None, [B, out, in, k, k] or compact [B, out, in]
@@ -205,7 +205,7 @@ class HyperStyleModel(nn.Module):
     def optimize(self, images: torch.Tensor, codes: torch.Tensor, deltas: Optional[Deltas] = None, **options) -> Inversion:
         """Refine codes (and optionally offsets) by gradient descent against the images: see optimize.optimize
         (steps, lr, mse, lpips, id, optimize_deltas, on_step, losses, weights)."""
-        from hyperstyle_nodes.engines.hyperstyle.optimize import optimize
+        from .optimize import optimize
 
         return optimize(self, images, codes, deltas, **options)
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE, Inversion, _match_batch, pool_to, to_unit_range
+from .model import HYPERNET_INPUT_SIZE, Inversion, _match_batch, pool_to, to_unit_range
 
 DEFAULT_STEPS = 100
 DEFAULT_LR = 0.01  # Adam on W+ codes (values of order 1): visible progress in 10s of steps without overshooting
@@ -31,7 +31,7 @@ def image_losses(mse: float = 1.0, lpips: float = 0.0, id: float = 0.0, weights:
 
 @functools.lru_cache(maxsize=2)
 def _cached_losses(mse: float, lpips: float, id: float, weights: tuple):
-    from hyperstyle_nodes.train.losses import LossWeightsError, ReconstructionLoss
+    from ...train.losses import LossWeightsError, ReconstructionLoss
 
     if min(mse, lpips, id) < 0:
         raise ValueError(f"loss weights must be >= 0, got mse {mse}, lpips {lpips}, id {id}")
