@@ -98,6 +98,40 @@ def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tun
     return paths
 
 
+TINY_SFE_WIDTHS = (8, 16, 16, 32)  # IResNet stages (the released 64, 128, 256, 512)
+TINY_SFE_UNITS = (1, 2, 2, 1)  # blocks per stage (the released 3, 4, 14, 3): each stage has a plain block after its first
+
+
+def make_tiny_sfe(folder, size: int = 128, seed: int = 0, narrow: float = 1 / 16) -> dict:
+    """Write sfe_editor.pt and sfe_inverter.pt (the released StyleFeatureEditor layouts: `inverter.*` + `encoder.*`
+    (feature editor), and `encoder.*` (inverter) under `state_dict`, plus a stray `discriminator.*` tensor as the
+    training files carry) beside `write_tiny_checkpoints`' files, whose e4e.pt and generator.pt they go with.
+    size >= 128: SFE replaces the generator's 64-px feature. Returns every written file by kind."""
+    from hyperstyle_nodes.engines.sfe.feature_editor import FeatureStack, FeatureStackConfig
+    from hyperstyle_nodes.engines.sfe.inverter import Inverter, InverterConfig
+
+    paths = write_tiny_checkpoints(folder, size=size, seed=seed, narrow=narrow)
+    folder = Path(folder)
+    gen_config = tiny_generator_config(size, narrow)
+    generator = make_generator(gen_config, seed)
+    channels, _ = generator.feature_shape(9)
+    rng = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 2)
+    inverter = randomize_(Inverter(InverterConfig(
+        n_styles=gen_config.n_styles, style_dim=gen_config.style_dim, widths=TINY_SFE_WIDTHS, units=TINY_SFE_UNITS,
+        content_channels=channels, fuser=FeatureStackConfig(2 * channels, channels))), rng)
+    editor = randomize_(FeatureStack(FeatureStackConfig(2 * channels, channels)), rng)
+    latent_avg = torch.load(paths["generator"], weights_only=True)["latent_avg"]
+    discriminator = {"discriminator.final_linear.0.weight": torch.randn(8, 16, generator=rng)}
+    paths["sfe_editor"] = folder / "sfe_editor.pt"
+    paths["sfe_inverter"] = folder / "sfe_inverter.pt"
+    torch.save({"state_dict": {**_state("inverter", inverter), **_state("encoder", editor), **discriminator},
+                "latent_avg": latent_avg}, paths["sfe_editor"])
+    torch.save({"state_dict": {**_state("encoder", inverter), **discriminator}, "latent_avg": latent_avg},
+               paths["sfe_inverter"])
+    return paths
+
+
 def write_tiny_clip(folder, seed: int = 0, projection_dim: int = 16) -> Path:
     """A tiny random CLIP text tower (transformers format) with a byte-level tokenizer (no merges): what
     `styleclip.load_text_encoder(folder)` reads, for tests without the 600 MB download."""
