@@ -180,9 +180,9 @@ def test_inverter_only_file_inverts_and_refuses_edits(sfe_files, images):
         load_sfe(sfe_files["sfe_editor"], e4e=None, generator=sfe_files["generator"])
 
 
-def test_files_of_the_wrong_kind_are_refused_with_what_they_are(sfe_files):
+def test_files_of_the_wrong_kind_are_refused_with_what_they_are(sfe_files, tiny_ckpts):
     with pytest.raises(ckpts.CheckpointError, match="HyperStyle checkpoint.*StyleFeatureEditor"):
-        load_sfe(sfe_files["hyperstyle"], e4e=sfe_files["e4e"], generator=sfe_files["generator"])
+        load_sfe(tiny_ckpts["hyperstyle"], e4e=sfe_files["e4e"], generator=sfe_files["generator"])
     with pytest.raises(ckpts.CheckpointError, match="StyleGAN2 generator.*e4e"):
         load_sfe(sfe_files["sfe_editor"], e4e=sfe_files["generator"], generator=sfe_files["generator"])
     with pytest.raises(ckpts.CheckpointError, match="StyleFeatureEditor.*generator"):
