@@ -91,9 +91,51 @@ def write_tiny_checkpoints(folder, size: int = 128, seed: int = 0, layers_to_tun
                          "load_w_encoder": True, "n_iters_per_batch": 5}}, paths["hyperstyle"])
     torch.save({"state_dict": {**_state("encoder", w_encoder), **decoder}, "latent_avg": latent_avg,
                 "opts": {**common, "encoder_type": "WEncoder", "input_nc": 3}}, paths["w_encoder"])
-    torch.save({"state_dict": {**_state("encoder", e4e), **decoder}, "latent_avg": latent_avg,
-                "opts": {"stylegan_size": size, "encoder_type": "Encoder4Editing", "start_from_latent_avg": True,
-                         "device": "cpu", "dataset_type": "ffhq_encode"}}, paths["e4e"])
+    _save_e4e(paths["e4e"], e4e, generator, latent_avg)
+    torch.save({"g_ema": generator.state_dict(), "latent_avg": latent_avg[0]}, paths["generator"])
+    return paths
+
+
+def _save_e4e(path: Path, e4e: nn.Module, generator: Generator, latent_avg: torch.Tensor) -> None:
+    """e4e_ffhq_encode.pt's layout: the encoder and its generator under `state_dict`, options, latent_avg."""
+    torch.save({"state_dict": {**_state("encoder", e4e), **_state("decoder", generator)}, "latent_avg": latent_avg,
+                "opts": {"stylegan_size": generator.size, "encoder_type": "Encoder4Editing",
+                         "start_from_latent_avg": True, "device": "cpu", "dataset_type": "ffhq_encode"}}, path)
+
+
+TINY_SFE_WIDTHS = (8, 16, 24, 32)  # IResNet and e4e stages (released: 64, 128, 256, 512); distinct, as e4e reads stages off them
+TINY_SFE_UNITS = (1, 2, 2, 1)  # blocks per stage (the released 3, 4, 14, 3): each stage has a plain block after its first
+
+
+def make_tiny_sfe(folder, size: int = 128, seed: int = 0, narrow: float = 1 / 16) -> dict:
+    """Write StyleFeatureEditor's four files in the released layouts into `folder`: sfe_editor.pt (`inverter.*` +
+    `encoder.*` = the feature editor, under `state_dict`, with a stray `discriminator.*` tensor as the training files
+    carry), sfe_inverter.pt (`encoder.*` = the inverter), e4e.pt and generator.pt. size >= 128 (SFE replaces the
+    generator's 64-px feature). The encoders are narrower than `write_tiny_checkpoints`' so that a CPU inversion takes
+    a fraction of a second. Returns {'sfe_editor', 'sfe_inverter', 'e4e', 'generator'} -> path."""
+    from .engines.sfe.feature_editor import FeatureStack, FeatureStackConfig
+    from .engines.sfe.inverter import Inverter, InverterConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen_config = tiny_generator_config(size, narrow)
+    generator = make_generator(gen_config, seed)
+    latent_avg = generator.mean_latent(2000).repeat(gen_config.n_styles, 1)
+    channels, _ = generator.feature_shape(9)
+    rng = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 2)
+    inverter = randomize_(Inverter(InverterConfig(
+        n_styles=gen_config.n_styles, style_dim=gen_config.style_dim, widths=TINY_SFE_WIDTHS, units=TINY_SFE_UNITS,
+        content_channels=channels, fuser=FeatureStackConfig(2 * channels, channels))), rng)
+    editor = randomize_(FeatureStack(FeatureStackConfig(2 * channels, channels)), rng)
+    e4e = randomize_(build_encoder(tiny_encoder_config("e4e", gen_config, widths=TINY_SFE_WIDTHS)), rng)
+    discriminator = {"discriminator.final_linear.0.weight": torch.randn(8, 16, generator=rng)}
+    paths = {name: folder / f"{name}.pt" for name in ("sfe_editor", "sfe_inverter", "e4e", "generator")}
+    torch.save({"state_dict": {**_state("inverter", inverter), **_state("encoder", editor), **discriminator},
+                "latent_avg": latent_avg[0]}, paths["sfe_editor"])
+    torch.save({"state_dict": {**_state("encoder", inverter), **discriminator}, "latent_avg": latent_avg[0]},
+               paths["sfe_inverter"])
+    _save_e4e(paths["e4e"], e4e, generator, latent_avg)
     torch.save({"g_ema": generator.state_dict(), "latent_avg": latent_avg[0]}, paths["generator"])
     return paths
 

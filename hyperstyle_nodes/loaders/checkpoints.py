@@ -5,6 +5,9 @@ This is the one place that knows the released file layouts:
     faces_w_encoder.pt      {'state_dict': {'encoder.*', 'decoder.*'}, 'opts': {'encoder_type': 'WEncoder', ...}, ...}
     e4e_ffhq_encode.pt      {'state_dict': {'encoder.*' (styles, latlayers), 'decoder.*'}, 'opts': {...}, ...}
     stylegan2-*.pt          {'g_ema': generator state dict, 'latent_avg': [512]}   (rosinality)
+    sfe_editor_light.pt     {'state_dict': {'inverter.*' (fs_backbone, fuser), 'encoder.*' (the feature editor),
+                            maybe 'discriminator.*'}, ...}: parts 'inverter' and 'feature_editor'
+    sfe_inverter_light.pt   {'state_dict': {'encoder.*' (the inverter: fs_backbone, fuser), ...}}: part 'inverter'
     our .safetensors        the same weights, prefixed 'hypernet.' / 'decoder.' / 'encoder.', plus 'latent_avg';
                             kind and options in the metadata
 Files are read with `weights_only=True`: a file whose pickle would build arbitrary Python objects is refused.
@@ -26,14 +29,19 @@ import torch
 
 from ..engines.hyperstyle.encoders import EncoderConfig
 from ..engines.hyperstyle.hypernetwork import SHARED_LAYERS, HypernetConfig, parse_layers_to_tune
+from ..engines.sfe.feature_editor import FeatureStackConfig
+from ..engines.sfe.inverter import InverterConfig
 from ..stylegan2.generator import GeneratorConfig, check_size, log2
 
 HYPERSTYLE, W_ENCODER, E4E, GENERATOR = "hyperstyle", "w_encoder", "e4e", "generator"
+SFE_EDITOR, SFE_INVERTER = "sfe_editor", "sfe_inverter"
 KIND_DESCRIPTIONS = {
     HYPERSTYLE: "a HyperStyle checkpoint (hypernetwork + generator, like hyperstyle_ffhq.pt)",
     W_ENCODER: "a HyperStyle W-encoder (one W code, like faces_w_encoder.pt)",
     E4E: "an e4e/pSp W+ encoder (like e4e_ffhq_encode.pt)",
     GENERATOR: "a StyleGAN2 generator (rosinality format, like stylegan2-ffhq-config-f.pt)",
+    SFE_EDITOR: "a StyleFeatureEditor checkpoint (inverter + feature editor, like sfe_editor_light.pt)",
+    SFE_INVERTER: "a StyleFeatureEditor inverter (inversion only, like sfe_inverter_light.pt)",
 }
 SAFETENSORS_FORMAT = "hyperstyle-nodes"
 SAFETENSORS_VERSION = "1"
@@ -170,6 +178,9 @@ def read_checkpoint(path) -> Checkpoint:
         if "state_dict" in obj and isinstance(obj["state_dict"], dict):
             parts = _split_prefixed(obj["state_dict"])
             opts = _opts_dict(obj.get("opts"), path)
+            sfe = _sfe_parts(parts)
+            if sfe is not None:
+                return _checkpoint(path, sfe[0], opts, sfe[1], obj.get("latent_avg"))
             if "hypernet" in parts:
                 return _checkpoint(path, HYPERSTYLE, opts, parts, obj.get("latent_avg"))
             if "encoder" in parts:
@@ -177,6 +188,28 @@ def read_checkpoint(path) -> Checkpoint:
                 return _checkpoint(path, kind, opts, parts, obj.get("latent_avg"))
     raise CheckpointError(f"{path.name} is not a file this pack knows (top-level keys: {sorted(obj)[:8]}). Expected "
                           "one of: " + "; ".join(KIND_DESCRIPTIONS.values()))
+
+
+def checkpoint_kind(path) -> str:
+    """What a file is: one of KIND_DESCRIPTIONS' keys (hyperstyle, w_encoder, e4e, generator, sfe_editor,
+    sfe_inverter), or a CheckpointError saying why it is none of them."""
+    return read_checkpoint(path).kind
+
+
+def _sfe_parts(parts: dict) -> Optional[tuple]:
+    """(kind, parts) for a StyleFeatureEditor file, else None. The official names: in an editor file the inverter is
+    `inverter.*` and the feature editor `encoder.*`; in an inverter file the inverter is `encoder.*`. Other parts
+    (the training discriminator, a decoder or e4e copy) are not needed and dropped."""
+    def is_inverter(name):
+        return any(k.startswith("fs_backbone.") for k in parts.get(name, {}))
+
+    if is_inverter("inverter"):
+        if "encoder" in parts:
+            return SFE_EDITOR, {"inverter": parts["inverter"], "feature_editor": parts["encoder"]}
+        return SFE_INVERTER, {"inverter": parts["inverter"]}
+    if is_inverter("encoder"):
+        return SFE_INVERTER, {"inverter": parts["encoder"]}
+    return None
 
 
 def _encoder_kind(path: Path, encoder: dict, opts: dict) -> str:
@@ -221,6 +254,9 @@ def _output_size(path, kind, opts, parts) -> int:
         from_weights = 4 << n_to_rgbs
     elif kind == E4E:
         n_styles = len({k.split(".")[1] for k in parts["encoder"] if k.startswith("styles.")})
+        from_weights = 2 ** ((n_styles + 2) // 2)
+    elif kind in (SFE_EDITOR, SFE_INVERTER):
+        n_styles = len({k.split(".")[2] for k in parts["inverter"] if k.startswith("fs_backbone.styles.")})
         from_weights = 2 ** ((n_styles + 2) // 2)
     from_opts = opts.get("output_size", opts.get("stylegan_size"))
     if from_opts is not None:
@@ -306,6 +342,31 @@ def encoder_config(ckpt: Checkpoint) -> EncoderConfig:
         style_dim = int(weights["styles.0.linear.weight"].shape[0])
     return EncoderConfig(kind=kind, n_styles=n_styles, style_dim=style_dim, widths=widths, units=units,
                          input_nc=int(weights["input_layer.0.weight"].shape[1]))
+
+
+def _feature_stack_config(weights: dict) -> FeatureStackConfig:
+    conv = weights["conv.weight"]
+    blocks = _indexed(weights, r"body\.(\d+)\.body\.1\.weight")
+    return FeatureStackConfig(in_channels=int(conv.shape[1]), channels=int(conv.shape[0]), blocks=len(blocks))
+
+
+def sfe_inverter_config(ckpt: Checkpoint) -> InverterConfig:
+    """The SFE inverter's architecture from its tensor shapes (IResNet stage widths and depths, head sizes)."""
+    weights = ckpt.parts["inverter"]
+    stages = [_indexed(weights, rf"fs_backbone\.block_{s}\.(\d+)\.conv1\.weight") for s in range(1, 5)]
+    if not all(stages):
+        raise KeyError("fs_backbone.block_N.0.conv1.weight (some stage has no blocks)")
+    fuser = {k[len("fuser."):]: v for k, v in weights.items() if k.startswith("fuser.")}
+    return InverterConfig(
+        n_styles=2 * log2(ckpt.output_size) - 2, style_dim=int(weights["fs_backbone.styles.0.weight"].shape[0]),
+        widths=tuple(int(stage[0].shape[0]) for stage in stages), units=tuple(len(stage) for stage in stages),
+        content_channels=int(weights["fs_backbone.content_layer.1.weight"].shape[0]),
+        fuser=_feature_stack_config(fuser))
+
+
+def sfe_editor_config(ckpt: Checkpoint) -> FeatureStackConfig:
+    """The SFE feature editor's architecture from its tensor shapes."""
+    return _feature_stack_config(ckpt.parts["feature_editor"])
 
 
 def restore_shared_aliases(hypernet_weights: dict) -> dict:

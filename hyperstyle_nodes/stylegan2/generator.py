@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,18 @@ def style_index(layer: int) -> int:
         return layer
     i, j = divmod(layer - 2, 3)
     return 1 + 2 * i + j
+
+
+def feature_layer(index: int) -> int:
+    """The generator layer (numbered as above) whose output is entry `index` of the official StyleGAN2's
+    `return_features` list: 0 the constant input (no layer: -1), 1 conv1, then per resolution i = 0, 1, ...: 2 + 2i
+    the upsampling conv, 3 + 2i the conv. StyleFeatureEditor's entry 9 is the 64-px conv's output at any size."""
+    if index < 1:
+        return -1
+    if index == 1:
+        return 0
+    i, j = divmod(index - 2, 2)
+    return 2 + 3 * i + j
 
 
 def log2(n: int) -> int:
@@ -870,24 +882,64 @@ class Generator(nn.Module):
         return self.map(z).mean(0, keepdim=True)
 
     def forward(self, codes: torch.Tensor, deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                noise_mode: str = "const") -> torch.Tensor:
+                noise_mode: str = "const", new_features: Optional[Mapping[int, torch.Tensor]] = None) -> torch.Tensor:
         """W+ codes [B, n_styles, style_dim] (or W codes [B, style_dim]) -> image [B, 3, size, size] in ~[-1, 1].
 
         deltas: None, or one entry per generator layer (None where the layer is not tuned).
         noise_mode: "const" uses the stored noise maps (deterministic, as the official inference), "random" draws
         new noise for every sample.
+        new_features: {official feature index: [B, C, H, W]} activations that replace the generator's own before
+        the next convolution (see `feature_layer`; StyleFeatureEditor decodes this way).
         """
+        return self.synthesis(self.styles(self.checked_codes(codes)), deltas, noise_mode, new_features)
+
+    def feature(self, codes: torch.Tensor, index: int, deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                noise_mode: str = "const") -> torch.Tensor:
+        """The activation [B, C, H, W] at official feature index `index` for W+ codes (the official
+        `return_features` list's entry), running only the layers up to it."""
+        return self.synthesis_feature(self.styles(self.checked_codes(codes)), index, deltas, noise_mode)
+
+    def checked_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """W+ codes in the generator's dtype (W codes [B, style_dim] repeated), or a clear error for a wrong shape."""
         if codes.ndim == 2:
             codes = codes[:, None].expand(-1, self.n_styles, -1)
         batch, n_codes, dim = codes.shape
         if n_codes != self.n_styles or dim != self.style_dim:
             raise ValueError(f"this {self.size}-px generator takes codes of shape [B, {self.n_styles}, "
                              f"{self.style_dim}], got {list(codes.shape)}")
-        return self.synthesis(self.styles(codes.to(self.input.input.dtype)), deltas, noise_mode)
+        return codes.to(self.input.input.dtype)
 
     def synthesis(self, styles: Sequence[torch.Tensor], deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                  noise_mode: str = "const") -> torch.Tensor:
+                  noise_mode: str = "const", new_features: Optional[Mapping[int, torch.Tensor]] = None) -> torch.Tensor:
         """StyleSpace S (every layer's modulation [B, in], `styles`, possibly edited) -> image, as `forward`."""
+        return self._synthesize(styles, deltas, noise_mode, new_features or {}, stop_at=None)
+
+    def synthesis_feature(self, styles: Sequence[torch.Tensor], index: int,
+                          deltas: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                          noise_mode: str = "const") -> torch.Tensor:
+        """StyleSpace S -> the activation at official feature index `index`, as `feature`."""
+        self.feature_shape(index)
+        return self._synthesize(styles, deltas, noise_mode, {}, stop_at=index)
+
+    @property
+    def n_features(self) -> int:
+        """Length of the official `return_features` list: the constant input, conv1, then two per resolution."""
+        return 2 + 2 * len(self.to_rgbs)
+
+    def feature_shape(self, index: int) -> tuple:
+        """(channels, resolution) of the activation at official feature index `index` (1 .. n_features - 1)."""
+        if not 1 <= index < self.n_features:
+            raise ValueError(f"feature index {index} is outside this {self.size}-px generator's features "
+                             f"1..{self.n_features - 1}")
+        layer = feature_layer(index)
+        return self.layer_convs()[layer].out_channel, 4 << ((layer + 1) // 3)
+
+    def _synthesize(self, styles, deltas, noise_mode: str, new_features: Mapping[int, torch.Tensor],
+                    stop_at: Optional[int]) -> torch.Tensor:
+        """The synthesis network: the image, or with `stop_at` the activation at that official feature index.
+        `new_features` replace activations by official index, as the official `insert_feature` (feature_scale 1):
+        feature k is replaced where it enters the next convolution, so a toRGB that reads it at its own resolution
+        still sees the generator's own activation."""
         self.check_styles(styles)
         batch = styles[0].shape[0]
         if deltas is None:
@@ -899,16 +951,39 @@ class Generator(nn.Module):
             if d is not None and d.shape[0] not in (1, batch):
                 raise ValueError(f"weight offsets for layer {layer} have batch {d.shape[0]} but the codes have batch "
                                  f"{batch}; pass offsets with batch {batch} or 1")
+        new_features = self._checked_new_features(new_features, batch)
         noises = self._noises(batch, noise_mode, styles[0])
         out = self.conv1(pack(self.input(batch)), styles[0], noises[0], deltas[0])
+        if stop_at == 1:
+            return out
         skip = self.to_rgb1(out, styles[1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
-            layer = 2 + 3 * i
+            layer, feature = 2 + 3 * i, 2 + 2 * i  # feature: the official index of this upsampling conv's output
+            out = new_features.get(feature - 1, out)
             out = self.convs[2 * i](out, styles[layer], noises[1 + 2 * i], deltas[layer])
+            if stop_at == feature:
+                return out
+            out = new_features.get(feature, out)
             out = self.convs[2 * i + 1](out, styles[layer + 1], noises[2 + 2 * i], deltas[layer + 1])
+            if stop_at == feature + 1:
+                return out
             skip = to_rgb(out, styles[layer + 2], skip, delta=deltas[layer + 2],
                           contiguous=i == len(self.to_rgbs) - 1)
         return skip
+
+    def _checked_new_features(self, new_features: Mapping[int, torch.Tensor], batch: int) -> dict:
+        """The replacement activations in the generator's dtype (the official `type_as`), or a clear error."""
+        checked = {}
+        for index, tensor in new_features.items():
+            if index == self.n_features - 1:
+                raise ValueError(f"feature {index} is this {self.size}-px generator's last activation: no convolution "
+                                 f"reads it, so replacing it would change nothing; use a larger generator")
+            channels, res = self.feature_shape(index)
+            if tensor.ndim != 4 or tuple(tensor.shape) != (batch, channels, res, res):
+                raise ValueError(f"new feature {index} should have shape [{batch}, {channels}, {res}, {res}], got "
+                                 f"{list(tensor.shape)}")
+            checked[index] = tensor.to(self.input.input.dtype)
+        return checked
 
     def styles(self, codes: torch.Tensor) -> list:
         """Every layer's modulation [B, in] from W+ codes [B, n_styles, style_dim], in HyperStyle's layer numbering.
