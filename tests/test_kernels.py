@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hyperstyle_nodes.stylegan2 as stylegan2_package
 from hyperstyle_nodes.stylegan2 import generator as stylegan2
 from hyperstyle_nodes.stylegan2 import kernels
 from hyperstyle_nodes.tiny import randomize_, tiny_generator_config
@@ -39,22 +40,31 @@ def test_kernels_match_their_pytorch_twins_on_the_gpu():
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with Triton (CI runs the PyTorch path on the CPU)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generator_on_triton_kernels_matches_the_pytorch_path(dtype, monkeypatch):
-    """A whole generator pass with per-sample offsets: the default GPU path against HYPERSTYLE_COMPILE=0's."""
+    """A whole generator pass with per-sample offsets (256 px at batch 2: every upsampling form): the default GPU
+    path against HYPERSTYLE_COMPILE=0's. In bf16 both are held to the fp32 result: the kernels round once per step
+    where PyTorch rounds after every operation, so they may not be further from it."""
     torch.manual_seed(0)
-    gen = randomize_(stylegan2.Generator(tiny_generator_config(64)), torch.Generator().manual_seed(1)).eval()
-    gen = gen.to(device="cuda", dtype=dtype)
-    codes = torch.randn(2, gen.n_styles, gen.style_dim, device="cuda", dtype=dtype)
-    shapes = gen.config.layer_shapes
-    deltas = [0.1 * torch.randn(2, o, i, device="cuda", dtype=dtype) if layer % 2 else None
-              for layer, (_, i, o) in enumerate(shapes)]
+    gen = randomize_(stylegan2.Generator(tiny_generator_config(256)), torch.Generator().manual_seed(1)).eval()
+    gen = gen.to(device="cuda")
+    codes = torch.randn(2, gen.n_styles, gen.style_dim, device="cuda")
+    deltas = [0.1 * torch.randn(2, o, i, device="cuda") if layer % 2 else None
+              for layer, (_, i, o) in enumerate(gen.config.layer_shapes)]
+    monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES["torch"]))
+    with torch.no_grad():
+        reference = gen(codes, deltas).float()
+    gen = gen.to(dtype)
+    codes, deltas = codes.to(dtype), [None if d is None else d.to(dtype) for d in deltas]
     images = {}
     for mode in ("torch", "triton"):
         monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
         with torch.no_grad():
             images[mode] = gen(codes, deltas).float()
     assert kernels.available()
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(images["triton"], images["torch"], rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(images["triton"], images["torch"], rtol=1e-4, atol=1e-4)
+    else:
+        rms = {mode: (image - reference).pow(2).mean().sqrt().item() for mode, image in images.items()}
+        assert rms["triton"] <= 1.5 * rms["torch"] + 1e-3, rms
 
 
 def test_modes_follow_hyperstyle_compile(monkeypatch):
@@ -90,6 +100,7 @@ def test_without_triton_the_kernels_step_aside(monkeypatch):
     PyTorch steps (same numbers as before)."""
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.delitem(sys.modules, "hyperstyle_nodes.stylegan2.triton_kernels", raising=False)
+    monkeypatch.delattr(stylegan2_package, "triton_kernels", raising=False)  # else `from ... import` finds it
     monkeypatch.setattr(kernels, "_STATE", {"module": None, "failed": False, "announced": False})
     assert not kernels.available()
     monkeypatch.setattr(stylegan2, "_COMPILE", dict(stylegan2._MODES["triton"]))

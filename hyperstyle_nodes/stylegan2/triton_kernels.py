@@ -10,7 +10,7 @@ Importing this module needs Triton; `kernels.py` imports it only on CUDA, and ev
 import triton
 import triton.language as tl
 
-SQRT2 = 1.4142135623730951
+SQRT2: tl.constexpr = tl.constexpr(1.4142135623730951)
 
 
 @triton.jit(do_not_specialize=["n_pix", "n_ch", "n_out", "P1", "P2", "P3"])
