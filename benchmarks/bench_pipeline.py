@@ -14,8 +14,8 @@ budget vs the images one by one) and --parity (GPU vs CPU fp32 on tiny released-
 
 --fresh-process measures what a user waits for first: each batch size and precision in its own new Python process
 (model already on the device, so loading is not counted), with empty compile caches and then again with the caches
-the first process left (a restart), for the default path and for the path without torch.compile/Triton
-(HYPERSTYLE_COMPILE=0). One "first_call" line each.
+the first process left (a restart), for the default path (Triton kernels) and for the path without Triton
+(HYPERSTYLE_COMPILE=0; --paths compile adds torch.compile's, HYPERSTYLE_COMPILE=1). One "first_call" line each.
 
     python benchmarks/bench_pipeline.py                                   # the README table (CUDA)
     python benchmarks/bench_pipeline.py --device cpu --tiny --size 64    # CPU smoke test (CI)
@@ -320,7 +320,8 @@ def first_call(master, args, device, report):
             gc.collect()
 
 
-PATHS = {"default": {}, "no-compile": {"HYPERSTYLE_COMPILE": "0"}}  # extra environment of each path
+# extra environment of each path: the default (Triton kernels), PyTorch only, torch.compile (opt-in)
+PATHS = {"default": {}, "no-compile": {"HYPERSTYLE_COMPILE": "0"}, "compile": {"HYPERSTYLE_COMPILE": "1"}}
 
 
 def fresh_process_runs(args, cache_root: Path) -> list:
@@ -337,7 +338,7 @@ def fresh_process_runs(args, cache_root: Path) -> list:
                 env = {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton"),
                        **PATHS[path]}
                 argv = common + ["--precisions", precision, "--batches", str(batch)]
-                for cache in (("empty", "warm") if path == "default" else ("none",)):
+                for cache in (("none",) if path == "no-compile" else ("empty", "warm")):
                     runs.append(({"path": path, "cache": cache}, env, argv))
     return runs
 
@@ -412,10 +413,13 @@ def main(argv=None):
     p.add_argument("--skip-bench", action="store_true", help="only the checks")
     p.add_argument("--fresh-process", action="store_true",
                    help="first calls in new processes, empty and warm compile caches (implies --skip-bench)")
-    p.add_argument("--paths", default="default,no-compile", help="--fresh-process: default and/or no-compile")
+    p.add_argument("--paths", default="default,no-compile",
+                   help="--fresh-process: default, no-compile and/or compile (torch.compile)")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # a --fresh-process child
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="no torch.compile of the elementwise steps (eager PyTorch only)")
+                   help="neither Triton kernels nor torch.compile: PyTorch only (HYPERSTYLE_COMPILE=0)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile the elementwise steps instead of the Triton kernels (HYPERSTYLE_COMPILE=1)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA graphs")
     p.add_argument("--label", default="", help="free text added to every line")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
@@ -435,15 +439,17 @@ def main(argv=None):
     if args.fresh_process or args.first_call_only:
         args.skip_bench = True
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if not args.compile:  # else HYPERSTYLE_COMPILE decides (on unless it is 0)
+    if not args.compile:  # else HYPERSTYLE_COMPILE decides (Triton kernels unless it is 0 or 1)
         set_compile(False)
+    elif args.torch_compile:
+        set_compile(True)
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = Report(args.out, {"gpu": gpu, "size": args.size, "tiny": args.tiny, "cudnn_benchmark": args.cudnn_benchmark,
-                               "compile": args.compile, "graphs": args.graphs, "label": args.label})
+                               "compile": args.compile, "torch_compile": args.torch_compile, "graphs": args.graphs, "label": args.label})
     report(kind="env", torch=torch.__version__, cuda=torch.version.cuda,
            cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
            default_tf32_conv=torch.backends.cudnn.allow_tf32, default_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import warmup
+from . import kernels, warmup
 
 BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
@@ -131,10 +131,12 @@ def check_size(size: int) -> None:
 #   instead of 36, no matrix product), and the epilogue applies the blur to its four phases.
 # - toRGB (1x1, 3 outputs) is one matrix product of the packed activations [H*W, B*C] with a block-diagonal
 #   [B*C, B*3] weight: 4.6x faster than a batched product at batch 8 and 1024 px, where it reads 1 GB.
-# - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights) are fused by
-#   torch.compile on CUDA when it is available (`fused`); everywhere else the same functions run eagerly. They are
-#   compiled for static shapes: Inductor's dynamic-shape kernels index these strided views with run-time divisions
-#   and ran the interleaving epilogue at 0.25 TB/s instead of 3.3 (H200, bf16, batch 8, 512 -> 1024 px).
+# - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights; toRGB's bias and
+#   upsampled skip) run at GPU inference as hand-written Triton kernels (`kernels.py`, the default), which take
+#   every size at run time and so compile a few times in all; everywhere else, and with HYPERSTYLE_COMPILE=0, the
+#   PyTorch functions here run eagerly (the same numbers). HYPERSTYLE_COMPILE=1 instead fuses those functions
+#   with torch.compile (`fused`) for static shapes: fast, but compiled once per layer shape, batch size and
+#   precision (~2.5 minutes before the first image on an H100).
 
 
 def separable_taps(kernel_2d: torch.Tensor) -> torch.Tensor:
@@ -305,12 +307,34 @@ def conv_product_uses_tf32(t: torch.Tensor, batch: int) -> bool:
 
 # ---- fusion -----------------------------------------------------------------------------------------------------
 
-_COMPILE = {"enabled": os.environ.get("HYPERSTYLE_COMPILE", "1") != "0"}
+# HYPERSTYLE_COMPILE: unset -> Triton kernels (the default), "1" -> torch.compile, "0" -> PyTorch only
+_MODES = {"triton": {"enabled": False, "triton": True}, "compile": {"enabled": True, "triton": False},
+          "torch": {"enabled": False, "triton": False}}
+
+
+def mode_from_env(value: Optional[str]) -> str:
+    return {"0": "torch", "1": "compile"}.get(value or "", "triton")
+
+
+_COMPILE = dict(_MODES[mode_from_env(os.environ.get("HYPERSTYLE_COMPILE"))])
+
+
+def set_kernels(mode: str) -> None:
+    """What runs the elementwise steps at GPU inference: "triton" (hand-written kernels, the default), "compile"
+    (torch.compile, HYPERSTYLE_COMPILE=1) or "torch" (eager PyTorch only, HYPERSTYLE_COMPILE=0)."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; use one of {', '.join(_MODES)}")
+    _COMPILE.update(_MODES[mode])
 
 
 def set_compile(enabled: bool) -> None:
-    """torch.compile the elementwise steps on CUDA (default on; HYPERSTYLE_COMPILE=0 turns it off)."""
-    _COMPILE["enabled"] = bool(enabled)
+    """torch.compile the elementwise steps on CUDA (True), or run PyTorch only, without Triton (False)."""
+    set_kernels("compile" if enabled else "torch")
+
+
+def triton_runs(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this step: CUDA inference in the default mode, where Triton imports."""
+    return bool(_COMPILE.get("triton")) and t.is_cuda and not torch.is_grad_enabled() and kernels.available()
 
 
 def fused(fn):
@@ -330,8 +354,8 @@ def fused(fn):
                 if not _COMPILE.get("announced"):
                     _COMPILE["announced"] = True
                     cache = warmup.use_persistent_cache()
-                    warmup.notice("HyperStyle: compiling the GPU kernels with torch.compile (the first run at each "
-                                  "batch size and precision takes longer; HYPERSTYLE_COMPILE=0 turns this off)"
+                    warmup.notice("HyperStyle: compiling the GPU kernels with torch.compile (HYPERSTYLE_COMPILE=1; "
+                                  "the first run at each batch size and precision takes minutes)"
                                   + (f"; kept in {cache}" if cache else ""))
                 _raise_recompile_limit()
                 state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
@@ -350,7 +374,8 @@ def fused(fn):
 
 
 def compile_enabled() -> bool:
-    return _COMPILE["enabled"]
+    """Whether a first call on the GPU compiles kernels (torch.compile's, or the Triton kernels' first time)."""
+    return bool(_COMPILE["enabled"] or _COMPILE.get("triton"))
 
 
 def on_gpu(t: torch.Tensor) -> bool:
@@ -389,6 +414,8 @@ def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.
     different layouts: that is how the upsampling phases get interleaved). Returns out."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, noise_weight, bias)):
         out.copy_(_noise_and_activation(y, noise, noise_weight, bias))  # copy_ keeps the graph for training
+    elif triton_runs(y) and kernels.styled_activation(y, noise, noise_weight, bias, out) is not None:
+        pass
     elif on_gpu(y) and _styled_activation_into.compiles():
         _styled_activation_into(out, y, noise, noise_weight, bias)
     else:  # eager: in place, four passes and no temporaries the size of the activations
@@ -452,6 +479,12 @@ def modulated_weight(weight: torch.Tensor, scale: float, style: torch.Tensor, de
                      demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """Per-sample weights, computed in fp32 (half precision overflows in the demodulation) and returned in `dtype`:
     [B, O, C, k, k] laid out as [B, O, k, k, C]."""
+    if triton_runs(weight):
+        _, o, c, k, _ = weight.shape
+        out = channels_last_weight((style.shape[0], o, c, k, k), weight.device, dtype)
+        if kernels.modulated_weights(weight, scale, style, delta, demodulate, out.permute(0, 1, 3, 4, 2),
+                                     "plain") is not None:
+            return out
     factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
     if factors is not None:
         _, o, c, k, _ = weight.shape
@@ -472,6 +505,10 @@ def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tenso
     [C, O] block at (b, b), so that packed activations [H*W, B*C] times it are every sample's output. Zero columns
     pad B*O to a multiple of 8: cuBLAS ran the product with 3 columns (batch 1, toRGB) in an unaligned kernel at
     half the speed (H200, bf16, 1024 px: 0.139 ms, padded 0.066)."""
+    if triton_runs(weight):
+        block = kernels.block_diagonal_weight(weight, scale, style, delta, dtype)
+        if block is not None:
+            return block
     w = _modulated(weight, scale, style, delta, False)  # [B, O, 1, 1, C]
     batch, o, _, _, c = w.shape
     eye = torch.eye(batch, device=w.device, dtype=w.dtype)
@@ -484,6 +521,11 @@ def block_diagonal_weight(weight: torch.Tensor, scale: float, style: torch.Tenso
 def padded_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
                 demodulate: bool, dtype: torch.dtype) -> torch.Tensor:
     """`modulated_weight`'s kernels as [B, O, PADDED_TAPS, C]: the 9 taps, then zeros."""
+    if triton_runs(weight):
+        _, o, c, _, _ = weight.shape
+        out = torch.empty(style.shape[0], o, PADDED_TAPS, c, device=weight.device, dtype=dtype)
+        if kernels.modulated_weights(weight, scale, style, delta, demodulate, out, "padded") is not None:
+            return out
     factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
     if factors is not None:
         _, o, c, k, _ = weight.shape
@@ -513,6 +555,12 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     """`modulated_weight`'s 3x3 kernels as the stride-2 transposed convolution's kernels in phase form
     (`TRANSPOSED_TAPS` along each axis): [B, 4*O, C, 2, 2] laid out [B, 4*O, 2, 2, C], output channel
     (row parity, column parity, o)."""
+    if triton_runs(weight):
+        _, o, c, _, _ = weight.shape
+        out = channels_last_weight((style.shape[0], 4 * o, c, 2, 2), weight.device, dtype)
+        if kernels.modulated_weights(weight, scale, style, delta, demodulate, out.permute(0, 1, 3, 4, 2),
+                                     "transposed") is not None:
+            return out
     factors = _factors(weight, scale, style, delta, demodulate) if _eager_weights() else None
     if factors is not None:  # the taps of the shared weight, then one multiply by the per-sample factors
         _, o, c, _, _ = weight.shape
@@ -797,6 +845,10 @@ class ToRGB(nn.Module):
         an NCHW-contiguous image (the generator's output) instead of the matrix product's layout."""
         out = self.conv.convolve(pack(x), style, delta)
         taps = None if skip is None else self.upsample.taps
+        if triton_runs(out):
+            image = kernels.rgb_output(out, self.bias, skip, taps, contiguous)
+            if image is not None:
+                return image
         if not contiguous:
             return rgb_output(out, self.bias, skip, taps)
         # written in NCHW order by the fused step itself: copying the [H*W, B*3] product's layout afterwards took

@@ -1,0 +1,176 @@
+"""Triton source of the generator's GPU kernels (launched by `kernels.py`, which says when and why).
+
+Every size and stride is a run-time argument, so each kernel compiles a handful of times in all (per dtype and a
+few flags), not per layer, batch size or precision the way torch.compile's static-shape graphs did. Sizes are kept
+out of Triton's value specialisation (`do_not_specialize`); strides are not, so a stride of 1 is seen and the
+loads along it are vectorised. Arithmetic is in fp32, rounded once on the store.
+
+Importing this module needs Triton; `kernels.py` imports it only on CUDA, and everything else runs without it.
+"""
+import triton
+import triton.language as tl
+
+SQRT2: tl.constexpr = tl.constexpr(1.4142135623730951)
+
+
+@triton.jit(do_not_specialize=["n_pix", "n_ch", "n_out", "P1", "P2", "P3"])
+def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_ptr, n_pix, n_ch, n_out, P1, P2, P3,
+                             ys0, ys1, ys2, ys3, ysc, os0, os1, os2, os3, osc, ns0, ns1, ns2, ns3, nsb,
+                             NOISE_PER_SAMPLE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = leaky_relu(y + noise_weight * noise + bias, 0.2) * sqrt(2) over [pixels, channels] tiles.
+
+    Pixels: up to four dims (P0 = n_pix / (P1 P2 P3), P1, P2, P3), e.g. (1, 1, H, W), or (H, row parity, W,
+    column parity) for an upsampling layer's phases; channels: b * n_out + o, one stride per tensor (all the
+    layouts here merge batch and channels). Noise has one channel and is shared by the batch unless
+    NOISE_PER_SAMPLE."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i3 = p % P3
+    rest = p // P3
+    i2 = rest % P2
+    rest = rest // P2
+    i1 = rest % P1
+    i0 = rest // P1
+    pix_mask = p < n_pix
+    ch_mask = ch < n_ch
+    mask = pix_mask[:, None] & ch_mask[None, :]
+    y_pix = i0 * ys0 + i1 * ys1 + i2 * ys2 + i3 * ys3
+    y = tl.load(y_ptr + y_pix[:, None] + ch[None, :] * ysc, mask=mask, other=0.0).to(tl.float32)
+    noise_pix = i0 * ns0 + i1 * ns1 + i2 * ns2 + i3 * ns3
+    if NOISE_PER_SAMPLE:
+        noise = tl.load(noise_ptr + noise_pix[:, None] + (ch // n_out)[None, :] * nsb, mask=mask, other=0.0)
+    else:
+        noise = tl.load(noise_ptr + noise_pix, mask=pix_mask, other=0.0)[:, None]
+    noise_weight = tl.load(noise_weight_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr + ch % n_out, mask=ch_mask, other=0.0).to(tl.float32)
+    v = y + noise_weight * noise.to(tl.float32) + bias[None, :]
+    v = tl.where(v > 0, v, v * 0.2) * SQRT2
+    out_pix = i0 * os0 + i1 * os1 + i2 * os2 + i3 * os3
+    tl.store(out_ptr + out_pix[:, None] + ch[None, :] * osc, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["scale", "n_out", "n_in", "n_taps", "n_phases"])
+def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale, n_out, n_in, n_taps, n_phases,
+                            wso, wsc, wsy, wsx, ssb, ssc, dsb, dso, dsc, dsy, dsx, osb, osj, ost, osc,
+                            K: tl.constexpr, KK_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                            HAS_DELTA: tl.constexpr, DEMODULATE: tl.constexpr):
+    """Per-sample weights of one (sample b, output row j) per program, in `_modulated`'s order:
+    w = W * scale * (1 + delta) * style, times rsqrt(sum over taps and inputs of w^2 + 1e-8) when DEMODULATE.
+
+    Row j = phase * n_out + o; its n_taps output taps are the taps tap_ptr[phase, t] of the k x k kernel (-1: a
+    zero), so one kernel writes the plain [B, O, k, k, C] weights, the 16-tap padded ones and the transposed
+    convolution's phase kernels alike. delta is [B|1, O, C] (dsy = dsx = 0) or [B|1, O, C, k, k]."""
+    pid = tl.program_id(0)
+    rows = n_phases * n_out
+    b = pid // rows
+    j = pid % rows
+    phase = j // n_out
+    o = j % n_out
+    demod = 1.0
+    if DEMODULATE:
+        s = tl.arange(0, KK_BLOCK)
+        sy = s // K
+        sx = s % K
+        acc = tl.zeros((KK_BLOCK, BLOCK_C), dtype=tl.float32)
+        for c0 in range(0, n_in, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = (s < K * K)[:, None] & (c < n_in)[None, :]
+            w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
+                        other=0.0).to(tl.float32) * scale
+            if HAS_DELTA:
+                d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None],
+                            mask=m, other=0.0).to(tl.float32)
+                w = w * (1 + d)
+            st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+            w = w * st[None, :]
+            acc += w * w
+        demod = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) + 1e-8)
+    t = tl.arange(0, T_BLOCK)
+    src = tl.load(tap_ptr + phase * n_taps + t, mask=t < n_taps, other=-1)
+    src_ok = src >= 0
+    src = tl.maximum(src, 0)
+    sy = src // K
+    sx = src % K
+    for c0 in range(0, n_in, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = (c < n_in)[None, :]
+        m = src_ok[:, None] & c_ok
+        w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
+                    other=0.0).to(tl.float32) * scale
+        if HAS_DELTA:
+            d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None], mask=m,
+                        other=0.0).to(tl.float32)
+            w = w * (1 + d)
+        st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+        w = w * st[None, :] * demod
+        tl.store(out_ptr + b * osb + j * osj + t[:, None] * ost + c[None, :] * osc, w.to(out_ptr.dtype.element_ty),
+                 mask=(t < n_taps)[:, None] & c_ok)
+
+
+@triton.jit(do_not_specialize=["scale", "n_out", "n_in", "n_rows", "n_cols", "n_used"])
+def block_diagonal_kernel(w_ptr, style_ptr, delta_ptr, out_ptr, scale, n_out, n_in, n_rows, n_cols, n_used,
+                          wso, wsc, ssb, ssc, dsb, dso, dsc, osr, osn,
+                          HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """toRGB's block-diagonal weight [B*C, n_cols]: row b*C + c, column b*O + o holds
+    W[o, c] * scale * (1 + delta[b, o, c]) * style[b, c]; other samples' blocks and the padding columns are 0."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = r // n_in
+    c = r % n_in
+    o = n % n_out
+    inside = (r < n_rows)[:, None] & (n < n_cols)[None, :]
+    m = inside & (b[:, None] == (n // n_out)[None, :]) & (n < n_used)[None, :]
+    w = tl.load(w_ptr + o[None, :] * wso + c[:, None] * wsc, mask=m, other=0.0).to(tl.float32) * scale
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + b[:, None] * dsb + o[None, :] * dso + c[:, None] * dsc, mask=m,
+                    other=0.0).to(tl.float32)
+        w = w * (1 + d)
+    st = tl.load(style_ptr + b * ssb + c * ssc, mask=r < n_rows, other=0.0).to(tl.float32)
+    w = w * st[:, None]
+    tl.store(out_ptr + r[:, None] * osr + n[None, :] * osn, w.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["height", "width", "t00", "t01", "t02", "t10", "t11", "t12"])
+def rgb_output_kernel(image_ptr, out_ptr, bias_ptr, skip_ptr, height, width,
+                      is0, is1, is2, is3, xs0, xs1, xs2, xs3, ks0, ks1, ks2, ks3,
+                      t00, t01, t02, t10, t11, t12, HAS_SKIP: tl.constexpr, BLOCK_W: tl.constexpr):
+    """image = out + bias (+ the skip image upsampled 2x: y[2n + p] = sum_d skip[n + d - 1] * taps[p][d] along each
+    axis, zero padded). One image row of one channel of one sample per program row; all tensors [B, 3, H, W] with
+    any strides (skip [B, 3, H/2, W/2])."""
+    row = tl.program_id(0)
+    y = row % height
+    c = (row // height) % 3
+    b = row // (3 * height)
+    x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    x_ok = x < width
+    v = tl.load(out_ptr + b * xs0 + c * xs1 + y * xs2 + x * xs3, mask=x_ok, other=0.0).to(tl.float32)
+    v += tl.load(bias_ptr + c).to(tl.float32)
+    if HAS_SKIP:
+        half_h = height // 2
+        half_w = width // 2
+        ny = y // 2
+        py = y % 2
+        nx = x // 2
+        px = x % 2
+        base = skip_ptr + b * ks0 + c * ks1
+        for d in tl.static_range(3):
+            if d == 0:
+                ty = tl.where(py == 0, t00, t10)
+            elif d == 1:
+                ty = tl.where(py == 0, t01, t11)
+            else:
+                ty = tl.where(py == 0, t02, t12)
+            sy = ny + d - 1
+            row_ok = (sy >= 0) & (sy < half_h)
+            for e in tl.static_range(3):
+                if e == 0:
+                    tx = tl.where(px == 0, t00, t10)
+                elif e == 1:
+                    tx = tl.where(px == 0, t01, t11)
+                else:
+                    tx = tl.where(px == 0, t02, t12)
+                sx = nx + e - 1
+                ok = x_ok & row_ok & (sx >= 0) & (sx < half_w)
+                s = tl.load(base + sy * ks2 + sx * ks3, mask=ok, other=0.0).to(tl.float32)
+                v += ty * tx * s
+    tl.store(image_ptr + b * is0 + c * is1 + y * is2 + x * is3, v.to(image_ptr.dtype.element_ty), mask=x_ok)

@@ -1,0 +1,124 @@
+"""The Triton kernels (the default GPU inference path) give the numbers of their PyTorch twins (the path CI, the CPU,
+MPS and Triton-less installs run), and the package works without Triton."""
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hyperstyle_nodes.stylegan2 as stylegan2_package
+from hyperstyle_nodes.stylegan2 import generator as stylegan2
+from hyperstyle_nodes.stylegan2 import kernels
+from hyperstyle_nodes.tiny import randomize_, tiny_generator_config
+
+TESTS = Path(__file__).resolve().parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ON_GPU = torch.cuda.is_available() and HAS_TRITON
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed: the PyTorch path is all there is to test")
+def test_kernels_match_their_pytorch_twins_in_tritons_interpreter():
+    """Every kernel and layout, on the CPU through Triton's interpreter (it must be on before Triton is imported,
+    hence the subprocess)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(TESTS / "kernel_checks.py"), "cpu", "float32", "bfloat16"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "kernel checks passed" in run.stdout, run.stdout + run.stderr[-4000:]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with Triton (CI runs the PyTorch path on the CPU)")
+def test_kernels_match_their_pytorch_twins_on_the_gpu():
+    import kernel_checks  # noqa: F401 - tests/ is on sys.path under pytest's rootdir conftest
+
+    kernel_checks.check_all(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with Triton (CI runs the PyTorch path on the CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generator_on_triton_kernels_matches_the_pytorch_path(dtype, monkeypatch):
+    """A whole generator pass with per-sample offsets (256 px at batch 2: every upsampling form): the default GPU
+    path against HYPERSTYLE_COMPILE=0's. In bf16 both are held to the fp32 result: the kernels round once per step
+    where PyTorch rounds after every operation, so they may not be further from it."""
+    torch.manual_seed(0)
+    gen = randomize_(stylegan2.Generator(tiny_generator_config(256)), torch.Generator().manual_seed(1)).eval()
+    gen = gen.to(device="cuda")
+    codes = torch.randn(2, gen.n_styles, gen.style_dim, device="cuda")
+    deltas = [0.1 * torch.randn(2, o, i, device="cuda") if layer % 2 else None
+              for layer, (_, i, o) in enumerate(gen.config.layer_shapes)]
+    monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES["torch"]))
+    with torch.no_grad():
+        reference = gen(codes, deltas).float()
+    gen = gen.to(dtype)
+    codes, deltas = codes.to(dtype), [None if d is None else d.to(dtype) for d in deltas]
+    images = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
+        with torch.no_grad():
+            images[mode] = gen(codes, deltas).float()
+    assert kernels.available()
+    if dtype == torch.float32:
+        torch.testing.assert_close(images["triton"], images["torch"], rtol=1e-4, atol=1e-4)
+    else:
+        rms = {mode: (image - reference).pow(2).mean().sqrt().item() for mode, image in images.items()}
+        assert rms["triton"] <= 1.5 * rms["torch"] + 1e-3, rms
+
+
+def test_modes_follow_hyperstyle_compile(monkeypatch):
+    """Unset: Triton kernels; 0: PyTorch only; 1: torch.compile. set_compile(False) is the PyTorch-only path."""
+    monkeypatch.setattr(stylegan2, "_COMPILE", dict(stylegan2._MODES["triton"]))
+    for value, mode in ((None, "triton"), ("", "triton"), ("0", "torch"), ("1", "compile")):
+        assert stylegan2.mode_from_env(value) == mode
+    stylegan2.set_compile(False)
+    assert stylegan2._COMPILE == stylegan2._MODES["torch"] and not stylegan2.compile_enabled()
+    stylegan2.set_kernels("triton")
+    assert stylegan2.compile_enabled()  # a first GPU call may compile Triton kernels: the warm-up notice shows
+    with pytest.raises(ValueError, match="unknown kernel mode"):
+        stylegan2.set_kernels("cuda")
+
+
+def test_the_cpu_and_autograd_never_take_the_kernels(monkeypatch):
+    monkeypatch.setattr(stylegan2, "_COMPILE", dict(stylegan2._MODES["triton"]))
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    with torch.no_grad():
+        assert not stylegan2.triton_runs(torch.zeros(1))
+    cuda_like = type("FakeCuda", (), {"is_cuda": True})()
+    with torch.no_grad():
+        assert stylegan2.triton_runs(cuda_like)
+    with torch.enable_grad():
+        assert not stylegan2.triton_runs(cuda_like)  # training keeps the PyTorch path
+    monkeypatch.setattr(stylegan2, "_COMPILE", dict(stylegan2._MODES["torch"]))
+    with torch.no_grad():
+        assert not stylegan2.triton_runs(cuda_like)
+
+
+def test_without_triton_the_kernels_step_aside(monkeypatch):
+    """A Triton-less install (Windows, macOS): importing the kernels fails quietly and the generator runs its
+    PyTorch steps (same numbers as before)."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delitem(sys.modules, "hyperstyle_nodes.stylegan2.triton_kernels", raising=False)
+    monkeypatch.delattr(stylegan2_package, "triton_kernels", raising=False)  # else `from ... import` finds it
+    monkeypatch.setattr(kernels, "_STATE", {"module": None, "failed": False, "announced": False})
+    assert not kernels.available()
+    monkeypatch.setattr(stylegan2, "_COMPILE", dict(stylegan2._MODES["triton"]))
+    cuda_like = type("FakeCuda", (), {"is_cuda": True})()
+    with torch.no_grad():
+        assert not stylegan2.triton_runs(cuda_like)
+    gen = stylegan2.Generator(tiny_generator_config(32)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(gen(torch.randn(1, gen.n_styles, gen.style_dim))).all()
+
+
+def test_a_failing_kernel_hands_over_to_pytorch_with_a_warning(monkeypatch):
+    broken = type("Broken", (), {"__getitem__": lambda self, grid: self._fail})()
+    broken._fail = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no C compiler"))
+    fake = type("FakeModule", (), {"styled_activation_kernel": broken})()
+    monkeypatch.setattr(kernels, "_STATE", {"module": fake, "failed": False, "announced": True})
+    y = torch.zeros(1, 2, 2, 2)
+    with pytest.warns(UserWarning, match="styled_activation_kernel failed"):
+        assert kernels.styled_activation(y, torch.zeros(1, 1, 2, 2), torch.zeros(1), torch.zeros(2),
+                                         torch.empty_like(y)) is None
+    assert not kernels.available()  # from then on the PyTorch steps run
