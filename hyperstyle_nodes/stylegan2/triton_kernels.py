@@ -130,6 +130,20 @@ def block_diagonal_kernel(w_ptr, style_ptr, delta_ptr, out_ptr, scale, n_out, n_
     tl.store(out_ptr + r[:, None] * osr + n[None, :] * osn, w.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _phase_tap(parity, d: tl.constexpr, t00, t01, t02, t10, t11, t12):
+    """The upsampling tap for output phase `parity` (0 or 1) at source offset d - 1: taps[parity][d]."""
+    even = t00
+    odd = t10
+    if d == 1:
+        even = t01
+        odd = t11
+    if d == 2:
+        even = t02
+        odd = t12
+    return tl.where(parity == 0, even, odd)
+
+
 @triton.jit(do_not_specialize=["height", "width", "t00", "t01", "t02", "t10", "t11", "t12"])
 def rgb_output_kernel(image_ptr, out_ptr, bias_ptr, skip_ptr, height, width,
                       is0, is1, is2, is3, xs0, xs1, xs2, xs3, ks0, ks1, ks2, ks3,
@@ -154,21 +168,11 @@ def rgb_output_kernel(image_ptr, out_ptr, bias_ptr, skip_ptr, height, width,
         px = x % 2
         base = skip_ptr + b * ks0 + c * ks1
         for d in tl.static_range(3):
-            if d == 0:
-                ty = tl.where(py == 0, t00, t10)
-            elif d == 1:
-                ty = tl.where(py == 0, t01, t11)
-            else:
-                ty = tl.where(py == 0, t02, t12)
+            ty = _phase_tap(py, d, t00, t01, t02, t10, t11, t12)
             sy = ny + d - 1
             row_ok = (sy >= 0) & (sy < half_h)
             for e in tl.static_range(3):
-                if e == 0:
-                    tx = tl.where(px == 0, t00, t10)
-                elif e == 1:
-                    tx = tl.where(px == 0, t01, t11)
-                else:
-                    tx = tl.where(px == 0, t02, t12)
+                tx = _phase_tap(px, e, t00, t01, t02, t10, t11, t12)
                 sx = nx + e - 1
                 ok = x_ok & row_ok & (sx >= 0) & (sx < half_w)
                 s = tl.load(base + sy * ks2 + sx * ks3, mask=ok, other=0.0).to(tl.float32)
