@@ -1,9 +1,13 @@
-"""Saving and loading HyperStyle inversions (latent codes + per-layer weight offsets) as .safetensors.
+"""Saving and loading inversions as .safetensors: HyperStyle's (latent codes + per-layer weight offsets) and
+StyleFeatureEditor's (latent codes + e4e codes + F-space features).
 
-File layout (format version 1):
+File layout (format version 1; version 2 for SFE inversions, so that older readers ask to update instead of
+calling the file damaged):
   tensors   'codes'            [B, n_styles, style_dim]
             'delta.<layer>'    one per tuned generator layer, exactly as given: [B, out, in, k, k] (full) or
                                [B, out, in] (compact per-channel; never expanded, so files stay small)
+            'sfe.<name>'       SFE only, the names of SFE_TENSORS: e4e codes (edited like the codes), the unedited
+                               inversion's codes and e4e codes, its F-space features [B, C, H, W]
   metadata  'format'           'hyperstyle-inversion'
             'format_version'   '1'
             'model_id'         which HyperStyle model made the offsets (they only fit that generator)
@@ -12,6 +16,7 @@ File layout (format version 1):
             'delta_layers'     JSON list of the layer indices that are stored
             'dtype'            dtype of the codes (e.g. 'float32'); offsets keep their own dtype
             'extra'            JSON object from the caller (e.g. source image name, alignment info)
+            'sfe_tensors'      SFE only: JSON list of the 'sfe.<name>' tensors stored
 Safetensors keeps every tensor's dtype and bytes, so a round trip is bit-exact.
 """
 from __future__ import annotations
@@ -29,7 +34,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT_NAME = "hyperstyle-inversion"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads; HyperStyle inversions are still written as version 1
+SFE_TENSORS = ("e4e_codes", "inverted_codes", "inverted_e4e_codes", "features")
+_SFE_REQUIRED = ("inverted_codes", "features")
 SUFFIX = ".safetensors"
 _COUNTER_DIGITS = 5
 _MAX_NAME_ATTEMPTS = 100
@@ -72,6 +79,18 @@ def _check_inversion(codes: Tensor, deltas: Sequence[Tensor | None], model_id: s
             raise ValueError(f"deltas[{layer}] has batch {delta.shape[0]} but codes have batch {batch}")
 
 
+def _check_sfe(sfe: dict, batch: int) -> None:
+    unknown = set(sfe) - set(SFE_TENSORS)
+    missing = [name for name in _SFE_REQUIRED if sfe.get(name) is None]
+    if unknown or missing:
+        raise ValueError(f"an SFE inversion holds {', '.join(SFE_TENSORS)} ({', '.join(_SFE_REQUIRED)} required); "
+                         f"got unknown {sorted(unknown)}, missing {missing}")
+    for name, tensor in sfe.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or tensor.shape[0] != batch:
+            found = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"SFE tensor {name!r} must be a float tensor of batch {batch}; got {found}")
+
+
 def _next_free_path(path: Path) -> Path:
     """`path` if free, else `<stem>_NNNNN.safetensors` numbered after the highest existing one (as ComfyUI does,
     so numbers never go back and refill gaps)."""
@@ -88,8 +107,9 @@ def _next_free_path(path: Path) -> Path:
 
 
 def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_id: str,
-                   extra: dict | None = None, overwrite: bool = False, signature: str = "") -> Path:
-    """Save an inversion; returns the path actually written.
+                   extra: dict | None = None, overwrite: bool = False, signature: str = "",
+                   sfe: dict | None = None) -> Path:
+    """Save an inversion; returns the path actually written. `sfe`: an SFE inversion's tensors by SFE_TENSORS name.
 
     `path` gets '.safetensors' appended unless it already ends so; missing folders are created. With
     overwrite=False an existing file is never replaced: the next free `<stem>_00001.safetensors` style name is
@@ -99,6 +119,9 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     if path.suffix.lower() != SUFFIX:  # names like 'jane.doe' keep their dot
         path = path.with_name(path.name + SUFFIX)
     _check_inversion(codes, deltas, model_id)
+    sfe = {name: tensor for name, tensor in (sfe or {}).items() if tensor is not None}
+    if sfe:
+        _check_sfe(sfe, codes.shape[0])
     try:
         extra_json = json.dumps(extra or {}, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -109,9 +132,11 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     present = [layer for layer, delta in enumerate(deltas) if delta is not None]
     for layer in present:
         tensors[f"delta.{layer}"] = _standalone_cpu(deltas[layer], seen)
+    for name, tensor in sfe.items():
+        tensors[f"sfe.{name}"] = _standalone_cpu(tensor, seen)
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": "2" if sfe else "1",
         "model_id": model_id,
         "num_layers": str(len(deltas)),
         "delta_layers": json.dumps(present),
@@ -120,6 +145,8 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     }
     if signature:
         metadata["generator_signature"] = signature
+    if sfe:
+        metadata["sfe_tensors"] = json.dumps(list(sfe))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file first, so a crash never leaves a half-written file under the final name.
@@ -174,7 +201,8 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
 
     Returns (codes, deltas, metadata): deltas is a list of length num_layers with None where a layer is not
     tuned; metadata has 'format_version' (int), 'model_id' (str), 'num_layers' (int), 'delta_layers'
-    (list[int]), 'dtype' (str), 'extra' (dict) and, for files saved with one, 'generator_signature' (str).
+    (list[int]), 'dtype' (str), 'extra' (dict), for files saved with one 'generator_signature' (str), and for an
+    SFE inversion 'sfe' (dict: SFE_TENSORS name -> tensor).
     """
     path = Path(path)
     if not path.is_file():
@@ -200,6 +228,7 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
             }
             if "generator_signature" in raw_meta:
                 metadata["generator_signature"] = raw_meta["generator_signature"]
+            sfe_names = [str(name) for name in json.loads(raw_meta.get("sfe_tensors", "[]"))]
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path}: damaged inversion metadata ({type(err).__name__}: {err})") from None
         if metadata["format_version"] > FORMAT_VERSION:
@@ -207,14 +236,21 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
                              f"version of hyperstyle-nodes supports ({FORMAT_VERSION}); please update the node pack")
 
         num_layers, delta_layers = metadata["num_layers"], metadata["delta_layers"]
-        expected = {"codes", *(f"delta.{i}" for i in delta_layers)}
+        expected = {"codes", *(f"delta.{i}" for i in delta_layers), *(f"sfe.{name}" for name in sfe_names)}
         if set(names) != expected or any(not 0 <= i < num_layers for i in delta_layers):
             raise ValueError(f"{path}: damaged inversion: metadata lists layers {delta_layers} of {num_layers} "
-                             f"but the file holds tensors {sorted(names)}")
+                             f"{f'and SFE tensors {sfe_names} ' if sfe_names else ''}but the file holds tensors "
+                             f"{sorted(names)}")
         codes = reader.get_tensor("codes")
         deltas: list[Tensor | None] = [None] * num_layers
         for layer in delta_layers:
             deltas[layer] = reader.get_tensor(f"delta.{layer}")
+        if sfe_names:
+            metadata["sfe"] = {name: reader.get_tensor(f"sfe.{name}") for name in sfe_names}
+            try:
+                _check_sfe(metadata["sfe"], codes.shape[0])
+            except ValueError as err:
+                raise ValueError(f"{path}: damaged inversion: {err}") from None
     return codes, deltas, metadata
 
 
