@@ -215,3 +215,26 @@ def test_inverter_only_file_reconstructs_but_refuses_edits(in_models_dir):
     edited = ops.apply_edit(latent, "directions/tiny_w.pt", 1.0)
     with pytest.raises(SFEEditError, match="no feature editor.*sfe_editor_light"):
         ops.decode(inverter, edited)
+
+
+def test_text_edit_moves_both_stylespaces_through_the_feature_editor(model, encoded, in_models_dir):
+    from hyperstyle_nodes.editing import styleclip
+    from hyperstyle_nodes.tiny import write_tiny_clip, write_tiny_styleclip_files
+
+    latent, recon = encoded
+    sfe = model.use()
+    clip_folder = in_models_dir / styleclip.CLIP_REPO.split("/")[-1]
+    if not clip_folder.is_dir():
+        write_tiny_clip(clip_folder)
+        write_tiny_styleclip_files(in_models_dir / "styleclip", sfe.generator)
+    neutral, target = "face with hair", "face with curly hair"
+    (images,) = pack_nodes.HyperStyleTextEditSweep().sweep(model, latent, neutral, target, 0.0, 3.0, 2, 0.05)
+    assert images.shape == (4, 128, 128, 3)
+    torch.testing.assert_close(images[:2], recon, rtol=0, atol=1e-5)  # α = 0: the reconstruction
+    delta_s = ops.text_direction(model, neutral, target, 0.05)
+    moved = [[s + 3.0 * d for s, d in zip(sfe.generator.styles(codes), delta_s)]
+             for codes in (latent.codes, latent.sfe.e4e_codes)]
+    inv = SFEInversion(latent.codes, latent.sfe.e4e_codes, latent.sfe.features)
+    want = sfe.decode_styles(inv, *moved).permute(0, 2, 3, 1)
+    torch.testing.assert_close(images[2:], want, rtol=0, atol=1e-5)
+    assert (images[2:] - recon).abs().mean() > 1e-4
