@@ -317,14 +317,16 @@ class HyperStylePasteBack:
 
 _NAMED_EDITS_TIP = ("Working strengths (SFE's editing menu, the same on HyperStyle): "
                     + "; ".join(ops.menu.describe(name) for name in ops.menu.NAMED_EDITS) + ". Named GANSpace edits "
-                    "bring their own component and layers (layer_start/end and ganspace_component are not used).")
+                    "bring their own component and layers, StyleSpace edits their own channels (layer_start/end and "
+                    "ganspace_component are not used for them).")
 
 
 def _edit_inputs():
     return {
         "direction": (ops.direction_choices() or ["(no directions found)"], {
             "tooltip": "InterFaceGAN age/smile/pose/rotation, SFE's W+ boundaries (sfe_fs_*), named GANSpace edits "
-                       "(ganspace_*), a GANSpace PCA file, or your own direction in models/hyperstyle/directions/ "
+                       "(ganspace_*), StyleSpace edits (stylespace_*, no file: applied by Decode / Text Edit), a "
+                       "GANSpace PCA file, or your own direction in models/hyperstyle/directions/ "
                        "(.pt/.npy/.safetensors, shape (512,), (1,512), (n,512) or (1,n,512)). "
                        + _NAMED_EDITS_TIP}),
         "layer_start": ("INT", {"default": 0, "min": 0, "max": 17, "tooltip": "First style layer to edit."}),
@@ -334,13 +336,14 @@ def _edit_inputs():
 
 class HyperStyleApplyEdit:
     DESCRIPTION = ("Moves the latent codes along an edit direction. The HyperStyle offsets stay as they are, which "
-                   "is why the edited face keeps its identity; an SFE inversion's e4e codes get the same edit.")
+                   "is why the edited face keeps its identity; an SFE inversion's e4e codes get the same edit. A "
+                   "StyleSpace edit (stylespace_*) moves style channels instead, which Decode applies.")
 
     @classmethod
     def INPUT_TYPES(cls):
         inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "From e4e Encode (or Load Inversion)."})}
         inputs.update(_edit_inputs())
-        inputs["strength"] = ("FLOAT", {"default": 2.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength"] = ("FLOAT", {"default": 2.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                         "tooltip": "How far to move; negative reverses (e.g. younger). For GANSpace "
                                                    "it is the target position in standard deviations."})
         inputs["ganspace_component"] = ("INT", {"default": 0, "min": 0, "max": 511,
@@ -364,9 +367,9 @@ class HyperStyleEditSweep:
     def INPUT_TYPES(cls):
         inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "The latent to sweep (any batch)."})}
         inputs.update(_edit_inputs())
-        inputs["strength_from"] = ("FLOAT", {"default": -3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength_from"] = ("FLOAT", {"default": -3.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                              "tooltip": "First strength."})
-        inputs["strength_to"] = ("FLOAT", {"default": 3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength_to"] = ("FLOAT", {"default": 3.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                            "tooltip": "Last strength."})
         inputs["steps"] = ("INT", {"default": 7, "min": 2, "max": 256, "tooltip": "Number of strengths."})
         return {"required": inputs, "optional": {

@@ -244,7 +244,8 @@ def needed_files(args, edits: list) -> list:
     if args.engine == "sfe":
         needs.append(NeededFile(f"--generator {args.generator}", args.generator, ("generator",)))
     for item, (name, _) in zip(args.edit, edits):
-        needs.append(NeededFile(f"--edit {item}", menu.file_of(name), ("direction", "ganspace")))
+        if menu.file_of(name) is not None:  # StyleSpace edits read no file
+            needs.append(NeededFile(f"--edit {item}", menu.file_of(name), ("direction", "ganspace")))
     return needs
 
 

@@ -79,14 +79,37 @@ class SFEState:
 
 
 @dataclass
+class StyleSpaceEdit:
+    """StyleSpace moves on top of the codes (SFE's StyleSpace edits): Decode adds `amounts[:, k]` to channel
+    `channels[k][1]` of generator layer `channels[k][0]`'s style vector (for an SFE inversion, of both its codes' and
+    its e4e codes' styles)."""
+
+    channels: tuple  # ((layer, channel), ...), distinct
+    amounts: torch.Tensor  # [B, len(channels)]
+
+    def repeated(self, times: int) -> "StyleSpaceEdit":
+        return StyleSpaceEdit(self.channels, self.amounts.repeat(times, 1))
+
+    def plus(self, channels: tuple, amounts: torch.Tensor) -> "StyleSpaceEdit":
+        """Another move added: amounts [B, len(channels)] (channels already moved add up)."""
+        merged = self.channels + tuple(c for c in channels if c not in self.channels)
+        total = torch.zeros(amounts.shape[0], len(merged))
+        total[:, :len(self.channels)] = self.amounts
+        for k, channel in enumerate(channels):
+            total[:, merged.index(channel)] += amounts[:, k]
+        return StyleSpaceEdit(merged, total)
+
+
+@dataclass
 class Latent:
     """HYPERSTYLE_LATENT: W+ codes [B, n_styles, style_dim] and the model they came from; for an SFE inversion, also
-    its e4e codes and F-space features (`sfe`)."""
+    its e4e codes and F-space features (`sfe`); after a StyleSpace edit, its channel moves (`stylespace`)."""
 
     codes: torch.Tensor
     model_id: str
     signature: str = ""  # of the model's generator; "" (unknown: older saved files) is not compared
     sfe: Optional[SFEState] = None
+    stylespace: Optional[StyleSpaceEdit] = None
 
     @property
     def batch(self) -> int:
@@ -406,10 +429,38 @@ def decode(model: LoadedModel, latent: Latent, offsets: Optional[Offsets] = None
             raise ValueError(f"generator {generator.name} ({generator.resolution} px) has a different architecture "
                              f"from the model's ({model.resolution} px); domain adaptation needs the same one")
         deltas = domain_adaptation_deltas(deltas)
-    images = hs.decode(codes, deltas, generator=other)
+    if latent.stylespace is not None:
+        if other is not None:
+            raise ValueError("a StyleSpace edit cannot be decoded on another domain's generator (its channels are "
+                             "the FFHQ generator's); disconnect the generator input of Decode, or use a W-space edit")
+        images = hs.decode_styles(_moved_styles(hs.stylespace(codes), latent.stylespace, model.resolution), deltas)
+    else:
+        images = hs.decode(codes, deltas, generator=other)
     if output_size != "native":
         images = resize_square(images, int(output_size))
     return bchw_to_image(images)
+
+
+def _moved_styles(styles: list, stylespace: Optional[StyleSpaceEdit], resolution: int) -> list:
+    """StyleSpace S with a latent's StyleSpace moves added (new tensors; `styles` may be views of one tensor)."""
+    if stylespace is None:
+        return styles
+    widths = [t.shape[1] for t in styles]
+    missing = [channel for channel in stylespace.channels
+               if not (0 <= channel[0] < len(widths) and 0 <= channel[1] < widths[channel[0]])]
+    if missing:
+        raise ValueError(f"this latent's StyleSpace edit moves (layer, channel) {missing}, which this {resolution}-px "
+                         f"generator does not have (its {len(widths)} layers have {widths} channels): SFE's StyleSpace "
+                         f"edits are made for the 1024-px FFHQ StyleGAN2")
+    moved = [t.clone() for t in styles]
+    batch = moved[0].shape[0]
+    amounts = stylespace.amounts.to(moved[0].device, moved[0].dtype)
+    if amounts.shape[0] != batch:
+        _broadcast_batches(latent=amounts.shape[0], styles=batch)
+        amounts = amounts.expand(batch, -1)
+    for k, (layer, channel) in enumerate(stylespace.channels):
+        moved[layer][:, channel] += amounts[:, k]
+    return moved
 
 
 _NO_SFE_OFFSETS = ("StyleFeatureEditor inversions have no HyperStyle offsets (deltas): disconnect the deltas input "
@@ -433,7 +484,12 @@ def _decode_sfe(model: LoadedModel, latent: Latent, offsets: Optional[Offsets], 
                        features=on_model["features"], images=None)
     edited = not (torch.equal(latent.codes, state.inverted_codes) and (
         state.e4e_codes is None or torch.equal(state.e4e_codes, state.inverted_e4e_codes)))
-    if edited:  # the feature editor adjusts the features to the edit, measured on the e4e codes before and after
+    if latent.stylespace is not None:  # the same StyleSpace moves on the codes' and e4e codes' styles
+        sfe._require_editing(inv)
+        moved = [_moved_styles(sfe.generator.styles(codes.to(sfe.dtype)), latent.stylespace, model.resolution)
+                 for codes in (_on_model(sfe, latent.codes), on_model["e4e_codes"])]
+        images = sfe.decode_styles(inv, *moved)
+    elif edited:  # the feature editor adjusts the features to the edit, measured on the e4e codes before and after
         images = sfe.decode(inv, codes=_on_model(sfe, latent.codes), e4e_codes=on_model["e4e_codes"])
     else:
         images = sfe.decode(inv)
@@ -465,7 +521,8 @@ def direction_choices() -> list:
     from .loaders.downloads import list_local_models, models_dir
     names = [n for n in list_local_models("direction") + list_local_models("ganspace") if "/" not in n]
     names = [n for n in dict.fromkeys(names) if not n.endswith((".pt", ".pth", ".npy", ".safetensors"))]
-    named = [n for n, edit in menu.NAMED_EDITS.items() if edit.is_ganspace and edit.file in names]
+    named = [n for n, edit in menu.NAMED_EDITS.items()
+             if (edit.is_ganspace and edit.file in names) or edit.is_stylespace]
     return names + named + [f"directions/{f}" for f in editing.list_direction_files(models_dir() / "directions")]
 
 
@@ -474,7 +531,11 @@ def _style_range(start: int, end: int, n_styles: int) -> tuple:
 
 
 def load_edit(direction: str, n_styles: int, style_dim: int):
-    """('direction', tensor) or ('ganspace', GanspacePCA) for a registry name, a named edit or a file."""
+    """('direction', tensor), ('ganspace', GanspacePCA) or ('stylespace', menu.NamedEdit: no file) for a registry
+    name, a named edit or a file."""
+    named = menu.NAMED_EDITS.get(direction)
+    if named is not None and named.is_stylespace:
+        return "stylespace", named
     path = resolve(menu.file_of(direction))
     try:
         return "direction", editing.load_direction(path, n_styles=n_styles, style_dim=style_dim)
@@ -502,18 +563,38 @@ def _edit_function(direction: str, n_styles: int, style_dim: int, layer_start: i
 
 def _edited(latent: Latent, codes: torch.Tensor, sfe_edit: Callable, repeats: int = 1) -> Latent:
     """The latent with new codes; an SFE inversion's e4e codes get the same edit (`sfe_edit(e4e_codes)`) and its
-    unedited inversion is repeated to the new batch."""
+    unedited inversion (and any StyleSpace moves) are repeated to the new batch."""
     state = latent.sfe
     if state is not None:
         moved = None if state.e4e_codes is None else sfe_edit(state.e4e_codes)
         state = replace(state.repeated(repeats) if repeats > 1 else state, e4e_codes=moved)
-    return Latent(codes, latent.model_id, latent.signature, state)
+    stylespace = latent.stylespace
+    if stylespace is not None and repeats > 1:
+        stylespace = stylespace.repeated(repeats)
+    return Latent(codes, latent.model_id, latent.signature, state, stylespace)
+
+
+def _stylespace_edited(latent: Latent, named: "menu.NamedEdit", strengths: list) -> Latent:
+    """A named StyleSpace edit at each strength (strength-major): codes unchanged (repeated for several strengths),
+    each of its channels moved by STYLESPACE_STEP * strength."""
+    repeats = len(strengths)
+    steps = torch.tensor([menu.STYLESPACE_STEP * float(s) for s in strengths]).repeat_interleave(latent.batch)
+    amounts = steps[:, None].expand(-1, len(named.channels))
+    base = _edited(latent, latent.codes.repeat(repeats, 1, 1) if repeats > 1 else latent.codes,
+                   lambda c: c.repeat(repeats, 1, 1) if repeats > 1 else c, repeats)
+    stylespace = (StyleSpaceEdit((), torch.zeros(amounts.shape[0], 0)) if base.stylespace is None
+                  else base.stylespace).plus(named.channels, amounts)
+    return replace(base, stylespace=stylespace)
 
 
 def apply_edit(latent: Latent, direction: str, strength: float, layer_start: int = 0, layer_end: int = -1,
                ganspace_component: int = 0) -> Latent:
     """Move the codes along a direction (offsets are untouched: that is why HyperStyle edits keep identity; an SFE
-    inversion's e4e codes move the same way, for its feature editor)."""
+    inversion's e4e codes move the same way, for its feature editor). A named StyleSpace edit moves style channels
+    instead, applied by Decode."""
+    named = menu.NAMED_EDITS.get(direction)
+    if named is not None and named.is_stylespace:
+        return _stylespace_edited(latent, named, [strength])
     codes = latent.codes
     move = _edit_function(direction, codes.shape[1], codes.shape[2], layer_start, layer_end, ganspace_component)
     return _edited(latent, move(codes, strength), lambda c: move(c, strength))
@@ -523,9 +604,13 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
                layer_start: int = 0, layer_end: int = -1, offsets: Optional[Offsets] = None) -> tuple:
     """One latent batch -> a batch over a strength range (strength-major), with offsets repeated to match."""
     codes = latent.codes
-    move = _edit_function(direction, codes.shape[1], codes.shape[2], layer_start, layer_end, 0)
     strengths = editing.linspace_strengths(strength_from, strength_to, steps)
-    sweep = lambda c: torch.cat([move(c, s) for s in strengths])  # noqa: E731
+    named = menu.NAMED_EDITS.get(direction)
+    if named is not None and named.is_stylespace:
+        sweep = None
+    else:
+        move = _edit_function(direction, codes.shape[1], codes.shape[2], layer_start, layer_end, 0)
+        sweep = lambda c: torch.cat([move(c, s) for s in strengths])  # noqa: E731
     swept = None
     if offsets is not None:
         _broadcast_batches(latent=latent.batch, offsets=offsets.batch)
@@ -533,6 +618,8 @@ def edit_sweep(latent: Latent, direction: str, strength_from: float, strength_to
         if offsets.batch != latent.batch:  # one set of offsets for every latent
             deltas = [None if d is None else d.expand(latent.batch, *d.shape[1:]) for d in deltas]
         swept = Offsets(editing.deltas_for_sweep(deltas, len(strengths)), offsets.model_id, offsets.signature)
+    if sweep is None:
+        return _stylespace_edited(latent, named, strengths), swept
     return _edited(latent, sweep(codes), sweep, repeats=len(strengths)), swept
 
 
@@ -581,7 +668,8 @@ def text_edit(model: LoadedModel, latent: Latent, neutral_text: str, target_text
     _check_latent(model, latent)
     batch = _broadcast_batches(latent=latent.batch, offsets=None if offsets is None else offsets.batch)
     delta_s = text_direction(model, neutral_text, target_text, beta, clip_model, files_dir)
-    styles = hs.stylespace(_on_model(hs, latent.codes).expand(batch, -1, -1))
+    styles = _moved_styles(hs.stylespace(_on_model(hs, latent.codes).expand(batch, -1, -1)), latent.stylespace,
+                           model.resolution)
     edited = styleclip.edit_styles(styles, delta_s, alphas)
     deltas = None
     if offsets is not None:
@@ -610,9 +698,10 @@ def _text_edit_sfe(model: LoadedModel, latent: Latent, neutral_text: str, target
                        features=_on_model(sfe, state.features))
     sfe._require_editing(inv)  # an inverter-only model, or an inversion without e4e codes: said before CLIP runs
     delta_s = text_direction(model, neutral_text, target_text, beta, clip_model, files_dir)
-    styles = styleclip.edit_styles(sfe.generator.styles(_on_model(sfe, latent.codes).to(sfe.dtype)), delta_s, alphas)
-    e4e_styles = styleclip.edit_styles(sfe.generator.styles(_on_model(sfe, latent.sfe.e4e_codes).to(sfe.dtype)),
-                                       delta_s, alphas)
+    styles, e4e_styles = (
+        styleclip.edit_styles(_moved_styles(sfe.generator.styles(_on_model(sfe, codes).to(sfe.dtype)),
+                                            latent.stylespace, model.resolution), delta_s, alphas)
+        for codes in (latent.codes, latent.sfe.e4e_codes))
     images = sfe.decode_styles(inv, styles, e4e_styles)
     if output_size != "native":
         images = resize_square(images, int(output_size))
@@ -645,7 +734,10 @@ def save_inversion(folder, prefix: str, latent: Latent, offsets: Optional[Offset
     target.parent.mkdir(parents=True, exist_ok=True)
     return inversion_io.save_inversion(target, codes, deltas, latent.model_id, overwrite=False,
                                        signature=latent.signature or (offsets.signature if offsets else ""),
-                                       sfe=None if latent.sfe is None else latent.sfe.tensors())
+                                       sfe=None if latent.sfe is None else latent.sfe.tensors(),
+                                       stylespace=None if latent.stylespace is None else (
+                                           latent.stylespace.channels,
+                                           latent.stylespace.amounts.expand(codes.shape[0], -1)))
 
 
 def load_inversion(path) -> tuple:
@@ -654,7 +746,8 @@ def load_inversion(path) -> tuple:
     state = None
     if "sfe" in meta:
         state = SFEState(**{name: meta["sfe"].get(name) for name in SFEState.__dataclass_fields__})
-    return Latent(codes, model_id, signature, state), (Offsets(deltas, model_id, signature)
+    stylespace = StyleSpaceEdit(*meta["stylespace"]) if "stylespace" in meta else None
+    return Latent(codes, model_id, signature, state, stylespace), (Offsets(deltas, model_id, signature)
                                                        if any(d is not None for d in deltas) else None)
 
 

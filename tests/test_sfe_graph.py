@@ -143,7 +143,9 @@ def test_menu_follows_sfe_available_directions():
     assert menu.describe("sfe_fs_makeup") == "sfe_fs_makeup: -10..15, + add make-up (works poorly on men)"
     registry = ops.downloads.load_registry()
     for edit in menu.NAMED_EDITS.values():
-        assert registry[edit.file].kind in ("direction", "ganspace"), edit
+        assert edit.is_stylespace or registry[edit.file].kind in ("direction", "ganspace"), edit
+    stylespace = [name for name, edit in menu.NAMED_EDITS.items() if edit.is_stylespace]
+    assert len(stylespace) == 11 and menu.NAMED_EDITS["stylespace_earrings"].strength_range == (0, 15)
 
 
 def test_flattened_w_plus_boundary_loads_as_sfe_fs_directions(tmp_path):
@@ -238,3 +240,60 @@ def test_text_edit_moves_both_stylespaces_through_the_feature_editor(model, enco
     want = sfe.decode_styles(inv, *moved).permute(0, 2, 3, 1)
     torch.testing.assert_close(images[2:], want, rtol=0, atol=1e-5)
     assert (images[2:] - recon).abs().mean() > 1e-4
+
+
+def stylespace_edit(monkeypatch, name="stylespace_glasses"):
+    """SFE's channels are the 1024-px generator's: a stand-in edit on channels the tiny generator has."""
+    named = dataclasses.replace(menu.NAMED_EDITS[name], channels=((3, 5), (2, 7)))
+    monkeypatch.setitem(menu.NAMED_EDITS, name, named)
+    return named
+
+
+def test_stylespace_edit_moves_channels_of_both_styles_at_decode(model, encoded, monkeypatch, tmp_path):
+    latent, recon = encoded
+    assert menu.NAMED_EDITS["stylespace_black_hair"].channels == ((12, 479),) and menu.file_of(
+        "stylespace_black_hair") is None
+    assert "stylespace_gender" in ops.direction_choices()
+    stylespace_edit(monkeypatch)
+    (edited,) = pack_nodes.HyperStyleApplyEdit().edit(latent, "stylespace_glasses", 0, -1, 4.0, 0)
+    assert torch.equal(edited.codes, latent.codes) and torch.equal(edited.sfe.e4e_codes, latent.sfe.e4e_codes)
+    assert edited.stylespace.channels == ((3, 5), (2, 7)) and torch.all(edited.stylespace.amounts == 12.0)
+    (image,) = pack_nodes.HyperStyleDecode().decode(model, edited, "native")
+    sfe = model.use()
+
+    def moved(codes):
+        styles = [t.clone() for t in sfe.generator.styles(codes)]
+        styles[3][:, 5] += 12.0  # SFE: 3 * power
+        styles[2][:, 7] += 12.0
+        return styles
+
+    inv = SFEInversion(latent.codes, latent.sfe.e4e_codes, latent.sfe.features)
+    want = sfe.decode_styles(inv, moved(latent.codes), moved(latent.sfe.e4e_codes)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(image, want, rtol=0, atol=1e-6)
+    assert (image - recon).abs().mean() > 1e-4
+    # a W edit after it keeps the StyleSpace moves; a sweep is strength-major; the file keeps them
+    both = ops.apply_edit(ops.apply_edit(edited, "directions/tiny_w.pt", 1.0), "stylespace_glasses", -1.0)
+    assert torch.all(both.stylespace.amounts == 9.0) and not torch.equal(both.codes, latent.codes)
+    swept, _ = ops.edit_sweep(edited, "stylespace_glasses", 0.0, 1.0, 2)
+    assert swept.batch == 4 and swept.stylespace.amounts[:, 0].tolist() == [12.0, 12.0, 15.0, 15.0]
+    torch.testing.assert_close(ops.decode(model, swept)[:2], image, rtol=0, atol=1e-6)
+    path = ops.save_inversion(tmp_path, "styled", both)
+    loaded, _ = ops.load_inversion(path)
+    assert loaded.stylespace.channels == both.stylespace.channels
+    torch.testing.assert_close(ops.decode(model, loaded), ops.decode(model, both), rtol=0, atol=0)
+
+
+def test_stylespace_edit_on_hyperstyle_and_on_too_small_a_generator(in_models_dir, monkeypatch):
+    hyperstyle = load("tiny_hyperstyle.pt", "tiny_w_encoder.pt")
+    latent, recon = ops.encode(hyperstyle, faces(1))
+    with pytest.raises(ValueError, match=r"moves \(layer, channel\) \[\(12, 479\)\], which this 128-px generator "
+                                         r"does not have.*1024-px FFHQ"):
+        ops.decode(hyperstyle, ops.apply_edit(latent, "stylespace_black_hair", 3.0))
+    stylespace_edit(monkeypatch)
+    edited = ops.apply_edit(latent, "stylespace_glasses", -2.0)
+    hs = hyperstyle.use()
+    styles = [t.clone() for t in hs.stylespace(latent.codes)]
+    styles[3][:, 5] -= 6.0
+    styles[2][:, 7] -= 6.0
+    torch.testing.assert_close(ops.decode(hyperstyle, edited), ops.bchw_to_image(hs.decode_styles(styles)),
+                               rtol=0, atol=1e-6)
