@@ -224,7 +224,8 @@ def _load_sfe(main_path, kind: str, enc_path, encoder_kind, generator: str, torc
     """StyleFeatureEditor: its checkpoint, the e4e encoder (the reference its feature editor measures edits with)
     and the StyleGAN2 generator it decodes with."""
     if encoder_kind != ckpts.E4E and (kind == ckpts.SFE_EDITOR or enc_path is not None):
-        found = "no initial encoder" if enc_path is None else f"{enc_path.name}, {ckpts.KIND_DESCRIPTIONS[encoder_kind]}"
+        found = ("no initial encoder" if enc_path is None
+                 else f"{enc_path.name}, {ckpts.KIND_DESCRIPTIONS[encoder_kind]}")
         raise ValueError(f"{main_path.name} is a StyleFeatureEditor checkpoint: its initial encoder must be the e4e "
                          f"encoder (e4e_ffhq_encode), which SFE's feature editor edits against, but it got {found}. "
                          f"Choose e4e_ffhq_encode as the initial encoder.")
@@ -684,7 +685,8 @@ def text_edit(model: LoadedModel, latent: Latent, neutral_text: str, target_text
 
 
 def _text_edit_sfe(model: LoadedModel, latent: Latent, neutral_text: str, target_text: str, alphas: list,
-                   beta: float, offsets: Optional[Offsets], output_size: str, clip_model: str, files_dir) -> torch.Tensor:
+                   beta: float, offsets: Optional[Offsets], output_size: str, clip_model: str,
+                   files_dir) -> torch.Tensor:
     """SFE's StyleCLIP global edit (its `styleclip_global_` path): the same ΔS moves the StyleSpace of the inverter's
     and of e4e's codes, and the feature editor adjusts the F-space features to the e4e move."""
     _check_latent(model, latent)
