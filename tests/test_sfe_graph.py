@@ -28,13 +28,14 @@ def models_dir(tmp_path_factory, tiny_ckpts):
     comp = torch.nn.functional.normalize(torch.randn(60, 1, 64, generator=g), dim=-1)
     torch.save({"comp": comp, "std": torch.rand(60, generator=g) + 0.5, "mean": torch.randn(1, 64, generator=g)},
                folder / "directions" / "tiny_pca.pt")
-    return folder
+    with pytest.MonkeyPatch.context() as patch:  # for the whole module: the model and its inversion are shared
+        patch.setenv("HYPERSTYLE_MODELS_DIR", str(folder))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield folder
 
 
-@pytest.fixture()
-def in_models_dir(models_dir, monkeypatch):
-    monkeypatch.setenv("HYPERSTYLE_MODELS_DIR", str(models_dir))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="module")
+def in_models_dir(models_dir):
     return models_dir
 
 
@@ -43,7 +44,7 @@ def load(checkpoint="tiny_sfe_editor.pt", encoder="tiny_e4e.pt", generator="tiny
     return model
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def model(in_models_dir):
     return load()
 
@@ -54,7 +55,7 @@ def faces(batch=2, seed=0):
     return torch.nn.functional.interpolate(low, size=(128, 128), mode="bilinear").permute(0, 2, 3, 1)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def encoded(model):
     return pack_nodes.HyperStyleEncode().encode(model, faces())
 
