@@ -85,18 +85,27 @@ PRECISION_AND_DEVICE = {
 
 
 class HyperStyleLoader:
-    DESCRIPTION = ("Loads HyperStyle and its initial encoder once and keeps them on the GPU between prompts. "
-                   "Registry models download on first use into models/hyperstyle/.")
+    DESCRIPTION = ("Loads HyperStyle or StyleFeatureEditor (SFE; the checkpoint file decides) and its initial encoder "
+                   "once and keeps them on the GPU between prompts. Registry models download on first use into "
+                   "models/hyperstyle/.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "checkpoint": (_models("hyperstyle"), {"tooltip": "HyperStyle checkpoint (hypernetwork + generator), a "
-                                                              "registry name or a file in models/hyperstyle/."}),
+            "checkpoint": (_models("hyperstyle", "sfe_editor", "sfe_inverter"), {
+                "tooltip": "HyperStyle checkpoint (hypernetwork + generator) or StyleFeatureEditor checkpoint "
+                           "(sfe_editor_light; sfe_inverter_light reconstructs but cannot edit), a registry name or "
+                           "a file in models/hyperstyle/."}),
             "initial_encoder": (_models("w_encoder", "e4e") + ["none"], {
                 "tooltip": "Encoder for the initial inversion: faces_w_encoder (W, the official choice) or "
-                           "e4e_ffhq_encode (W+, better for edits). The file's contents decide which it is."}),
+                           "e4e_ffhq_encode (W+, better for edits). The file's contents decide which it is. SFE "
+                           "needs e4e_ffhq_encode (its feature editor edits against it)."}),
             **PRECISION_AND_DEVICE,
+        }, "optional": {
+            "sfe_generator": (_models("generator"), {
+                "default": ops.SFE_GENERATOR, "tooltip": "StyleFeatureEditor only: the StyleGAN2 generator it "
+                                                         "decodes with (stylegan2-ffhq-config-f for the released "
+                                                         "files). HyperStyle checkpoints hold their own."}),
         }}
 
     RETURN_TYPES = ("HYPERSTYLE_MODEL",)
@@ -104,12 +113,14 @@ class HyperStyleLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, checkpoint, initial_encoder, precision, device):
-        return (ops.load_model(checkpoint, initial_encoder, precision, device),)
+    def load(self, checkpoint, initial_encoder, precision, device, sfe_generator=ops.SFE_GENERATOR):
+        return (ops.load_model(checkpoint, initial_encoder, precision, device, sfe_generator),)
 
 
 class HyperStyleEncode:
-    DESCRIPTION = "Initial inversion with the model's encoder: aligned face -> latent codes and their reconstruction."
+    DESCRIPTION = ("Initial inversion with the model's encoder: aligned face -> latent codes and their "
+                   "reconstruction. With a StyleFeatureEditor model, its whole inversion (codes, e4e codes and "
+                   "F-space features on the latent): connect it straight to Apply Edit / Decode.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -129,7 +140,8 @@ class HyperStyleEncode:
 
 class HyperStyleRefine:
     DESCRIPTION = ("HyperStyle refinement: the hypernetwork predicts per-image generator weight offsets, refined over "
-                   "a few iterations, so the reconstruction keeps identity and detail.")
+                   "a few iterations, so the reconstruction keeps identity and detail. HyperStyle models only (SFE "
+                   "inversions are finished after e4e Encode).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -193,7 +205,8 @@ class HyperStyleOptimize:
 
 
 class HyperStyleDecode:
-    DESCRIPTION = "Latent codes (+ HyperStyle offsets) -> image, on the model's generator or another domain's."
+    DESCRIPTION = ("Latent codes (+ HyperStyle offsets) -> image, on the model's generator or another domain's. An "
+                   "SFE inversion decodes through SFE's feature editor, which keeps its detail through the edit.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -302,12 +315,20 @@ class HyperStylePasteBack:
         return face_alignment.paste_back_batch(original, face, alignment, feather)
 
 
+_NAMED_EDITS_TIP = ("Working strengths (SFE's editing menu, the same on HyperStyle): "
+                    + "; ".join(ops.menu.describe(name) for name in ops.menu.NAMED_EDITS) + ". Named GANSpace edits "
+                    "bring their own component and layers, StyleSpace edits their own channels (layer_start/end and "
+                    "ganspace_component are not used for them).")
+
+
 def _edit_inputs():
     return {
         "direction": (ops.direction_choices() or ["(no directions found)"], {
-            "tooltip": "InterFaceGAN age/smile/pose, a GANSpace PCA file, or your own direction in "
-                       "models/hyperstyle/directions/ (.pt/.npy/.safetensors, shape (512,), (1,512), (n,512) or "
-                       "(1,n,512))."}),
+            "tooltip": "InterFaceGAN age/smile/pose/rotation, SFE's W+ boundaries (sfe_fs_*), named GANSpace edits "
+                       "(ganspace_*), StyleSpace edits (stylespace_*, no file: applied by Decode / Text Edit), a "
+                       "GANSpace PCA file, or your own direction in models/hyperstyle/directions/ "
+                       "(.pt/.npy/.safetensors, shape (512,), (1,512), (n,512) or (1,n,512)). "
+                       + _NAMED_EDITS_TIP}),
         "layer_start": ("INT", {"default": 0, "min": 0, "max": 17, "tooltip": "First style layer to edit."}),
         "layer_end": ("INT", {"default": -1, "min": -1, "max": 18, "tooltip": "Style layer to stop before; -1 = all."}),
     }
@@ -315,13 +336,14 @@ def _edit_inputs():
 
 class HyperStyleApplyEdit:
     DESCRIPTION = ("Moves the latent codes along an edit direction. The HyperStyle offsets stay as they are, which "
-                   "is why the edited face keeps its identity.")
+                   "is why the edited face keeps its identity; an SFE inversion's e4e codes get the same edit. A "
+                   "StyleSpace edit (stylespace_*) moves style channels instead, which Decode applies.")
 
     @classmethod
     def INPUT_TYPES(cls):
         inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "From e4e Encode (or Load Inversion)."})}
         inputs.update(_edit_inputs())
-        inputs["strength"] = ("FLOAT", {"default": 2.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength"] = ("FLOAT", {"default": 2.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                         "tooltip": "How far to move; negative reverses (e.g. younger). For GANSpace "
                                                    "it is the target position in standard deviations."})
         inputs["ganspace_component"] = ("INT", {"default": 0, "min": 0, "max": 511,
@@ -345,9 +367,9 @@ class HyperStyleEditSweep:
     def INPUT_TYPES(cls):
         inputs = {"latent": ("HYPERSTYLE_LATENT", {"tooltip": "The latent to sweep (any batch)."})}
         inputs.update(_edit_inputs())
-        inputs["strength_from"] = ("FLOAT", {"default": -3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength_from"] = ("FLOAT", {"default": -3.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                              "tooltip": "First strength."})
-        inputs["strength_to"] = ("FLOAT", {"default": 3.0, "min": -20.0, "max": 20.0, "step": 0.1,
+        inputs["strength_to"] = ("FLOAT", {"default": 3.0, "min": -50.0, "max": 50.0, "step": 0.1,
                                            "tooltip": "Last strength."})
         inputs["steps"] = ("INT", {"default": 7, "min": 2, "max": 256, "tooltip": "Number of strengths."})
         return {"required": inputs, "optional": {
@@ -388,7 +410,8 @@ _TEXT_EDIT_TIP = (" Needs fs3.npy, S_mean_std and templates.txt (official HyperS
 
 class HyperStyleTextEdit:
     DESCRIPTION = ("Edits an inversion with a text: a StyleCLIP global direction from 'neutral' to 'target' "
-                   "applied in StyleSpace, HyperStyle offsets kept. Outputs the edited image." + _TEXT_EDIT_TIP)
+                   "applied in StyleSpace, HyperStyle offsets kept; on a StyleFeatureEditor inversion the same "
+                   "StyleSpace move runs through its feature editor. Outputs the edited image." + _TEXT_EDIT_TIP)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -437,7 +460,8 @@ def _output_dir():
 
 
 class HyperStyleSaveInversion:
-    DESCRIPTION = "Saves codes + offsets + model id to one .safetensors file in output/hyperstyle/, never overwriting."
+    DESCRIPTION = ("Saves codes + offsets + model id (or an SFE inversion: codes, e4e codes and F-space features) "
+                   "to one .safetensors file in output/hyperstyle/, never overwriting.")
     OUTPUT_NODE = True
 
     @classmethod
@@ -459,7 +483,8 @@ class HyperStyleSaveInversion:
 
 
 class HyperStyleLoadInversion:
-    DESCRIPTION = "Loads an inversion saved by Save Inversion (codes + offsets), to edit it again without inverting."
+    DESCRIPTION = ("Loads an inversion saved by Save Inversion (codes + offsets, or an SFE inversion), to edit it "
+                   "again without inverting.")
 
     @classmethod
     def INPUT_TYPES(cls):

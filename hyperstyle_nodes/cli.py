@@ -2,6 +2,7 @@
 
     python -m hyperstyle_nodes edit photo.jpg --edit age=+2 --edit smile=-1 --out edited/
     python -m hyperstyle_nodes edit photos/ --edit pose=3 --out edited/ --save-aligned --save-inversion
+    python -m hyperstyle_nodes edit photo.jpg --engine sfe --edit age=+3 --out edited/   # StyleFeatureEditor
 
 Default weights download on first use (from the Hugging Face Hub into $HYPERSTYLE_MODELS_DIR or the user cache).
 Results get new names: an existing file (a photo, an earlier run's result) is never replaced.
@@ -15,10 +16,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .editing import menu
+
 # Only the standard library at import time: `--help` and argument errors must not wait for torch.
 EXIT_OK, EXIT_USAGE, EXIT_NO_FACE, EXIT_WEIGHTS, EXIT_PARTIAL = 0, 2, 3, 4, 5
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-EDIT_ALIASES = {"age": "interfacegan_age", "smile": "interfacegan_smile", "pose": "interfacegan_pose"}
+EDIT_ALIASES = {"pose": "interfacegan_pose", **menu.SHORT_NAMES}
+# --engine: the checkpoint's registry kinds and the default checkpoint and encoder
+ENGINES = {"hyperstyle": (("hyperstyle",), "hyperstyle_ffhq", "faces_w_encoder"),
+           "sfe": (("sfe_editor", "sfe_inverter"), "sfe_editor_light", "e4e_ffhq_encode")}
 MAX_NAME_TRIES = 10_000  # free-name search bound: `<stem>_1`, `<stem>_2`, ...
 
 
@@ -35,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", type=Path, required=True,
                       help="folder for the results (created if missing); existing files there are never replaced")
     edit.add_argument("--edit", action="append", default=[], metavar="NAME=STRENGTH",
-                      help="an edit, repeatable: age, smile or pose (InterFaceGAN), a registry name, or a direction "
-                           "file (.pt/.npy/.safetensors); STRENGTH may be negative, e.g. --edit age=-2. "
-                           "With no --edit the photos are only reconstructed")
+                      help="an edit, repeatable: age, smile, pose or rotation (InterFaceGAN), SFE's named edits, a "
+                           "registry name, or a direction file (.pt/.npy/.safetensors); STRENGTH may be negative, "
+                           "e.g. --edit age=-2. With no --edit the photos are only reconstructed. Named edits and "
+                           "their working strengths: "
+                           + "; ".join(f"{short} ({menu.describe(name)})" if short != name else menu.describe(name)
+                                       for short, name in menu.SHORT_NAMES.items()))
     edit.add_argument("--text", default=None, metavar="'NEUTRAL -> TARGET'",
                       help="a text edit (StyleCLIP global direction), e.g. --text 'face with hair -> face with curly "
                            "hair'; needs fs3.npy, S_mean_std and templates.txt in <models dir>/styleclip/")
@@ -46,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="disentanglement of --text: channels with relevance below it stay (default 0.13)")
     edit.add_argument("--layers", default=None, metavar="START:END",
                       help="edit only style layers START..END-1 (default: all)")
-    edit.add_argument("--iterations", type=int, default=5, help="HyperStyle refinement passes, 0 or more (default 5)")
+    edit.add_argument("--engine", choices=sorted(ENGINES), default="hyperstyle",
+                      help="hyperstyle (HyperStyle: codes + weight offsets) or sfe (StyleFeatureEditor: codes + "
+                           "F-space features, edited by its feature editor; no --iterations or --optimize-steps). "
+                           "Picks the default --checkpoint and --encoder (default hyperstyle)")
+    edit.add_argument("--iterations", type=int, default=None,
+                      help="HyperStyle refinement passes, 0 or more (default 5)")
     edit.add_argument("--optimize-steps", type=int, default=0, metavar="N",
                       help="then refine the codes by N steps of gradient descent against the face (the iterator; "
                            "sharper, slower: about N generator passes forward and back per face; default 0: off)")
@@ -54,9 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--optimize-lpips", type=float, default=0.0,
                       help="the iterator's LPIPS weight (0.8 in the paper; needs the lpips package and "
                            "alexnet-owt-7be5be79.pth in the models folder; default 0: pixel L2 only)")
-    edit.add_argument("--checkpoint", default="hyperstyle_ffhq", help="HyperStyle checkpoint: registry name or file")
-    edit.add_argument("--encoder", default="faces_w_encoder",
-                      help="initial encoder: faces_w_encoder (W), e4e_ffhq_encode (W+) or a file")
+    edit.add_argument("--checkpoint", default=None,
+                      help="HyperStyle or SFE checkpoint: registry name or file (default hyperstyle_ffhq, with "
+                           "--engine sfe sfe_editor_light)")
+    edit.add_argument("--encoder", default=None,
+                      help="initial encoder: faces_w_encoder (W), e4e_ffhq_encode (W+) or a file (default "
+                           "faces_w_encoder, with --engine sfe e4e_ffhq_encode, which SFE needs)")
+    edit.add_argument("--generator", default="stylegan2-ffhq-config-f",
+                      help="--engine sfe: the StyleGAN2 generator SFE decodes with, registry name or file (default "
+                           "stylegan2-ffhq-config-f)")
     edit.add_argument("--detector", default="retinaface_resnet50",
                       help="face detector: retinaface_resnet50, retinaface_mobilenet0.25 or a file")
     edit.add_argument("--faces", choices=["largest", "all"], default="largest",
@@ -119,6 +139,20 @@ def parse_layers(text):
         return int(start or 0), int(end) if end else -1
     except ValueError:
         raise ValueError(f"--layers {text!r}: START and END must be whole numbers, e.g. 4:8") from None
+
+
+def apply_engine_defaults(args) -> None:
+    """--engine picks the default checkpoint and encoder, and refuses the HyperStyle-only steps for SFE."""
+    _, checkpoint, encoder = ENGINES[args.engine]
+    if args.engine == "sfe":
+        given = ["--iterations"] if args.iterations is not None else []
+        given += ["--optimize-steps"] if args.optimize_steps else []
+        if given:
+            raise ValueError(f"{' and '.join(given)}: HyperStyle only; --engine sfe inverts in one pass (its F-space "
+                             f"features keep the detail) and edits with --edit and --text")
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else checkpoint
+    args.encoder = args.encoder if args.encoder is not None else encoder
+    args.iterations = args.iterations if args.iterations is not None else 5
 
 
 def check_numbers(args) -> None:
@@ -204,11 +238,14 @@ class MissingFile:
 
 def needed_files(args, edits: list) -> list:
     needs = [NeededFile(f"--detector {args.detector}", args.detector, ("face_detector",)),
-             NeededFile(f"--checkpoint {args.checkpoint}", args.checkpoint, ("hyperstyle",))]
+             NeededFile(f"--checkpoint {args.checkpoint}", args.checkpoint, ENGINES[args.engine][0])]
     if args.encoder and args.encoder != "none":
         needs.append(NeededFile(f"--encoder {args.encoder}", args.encoder, ("w_encoder", "e4e")))
+    if args.engine == "sfe":
+        needs.append(NeededFile(f"--generator {args.generator}", args.generator, ("generator",)))
     for item, (name, _) in zip(args.edit, edits):
-        needs.append(NeededFile(f"--edit {item}", name, ("direction", "ganspace")))
+        if menu.file_of(name) is not None:  # StyleSpace edits read no file
+            needs.append(NeededFile(f"--edit {item}", menu.file_of(name), ("direction", "ganspace")))
     return needs
 
 
@@ -272,6 +309,7 @@ def offline_reason(args) -> str:
 def run_edit(args) -> int:
     try:
         edits, layers, text_edit = parse_edits(args.edit), parse_layers(args.layers), parse_text_edit(args.text)
+        apply_engine_defaults(args)
         check_numbers(args)
         photos = find_photos(args.input)
         if not photos:
@@ -335,7 +373,11 @@ def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
     try:
         detector = ops.load_detector(args.detector, args.device)
         option = f"--checkpoint {args.checkpoint} / --encoder {args.encoder}"
-        model = ops.load_model(args.checkpoint, args.encoder, precision, args.device)
+        model = ops.load_model(args.checkpoint, args.encoder, precision, args.device, args.generator)
+        if model.engine != args.engine:
+            print(f"error: --checkpoint {args.checkpoint} is a {model.engine} checkpoint, but --engine is "
+                  f"{args.engine}; give --engine {model.engine} or a {args.engine} checkpoint", file=sys.stderr)
+            return EXIT_USAGE
         for item, (name, _) in zip(args.edit, edits):  # fail early on a bad direction, before any photo
             option = f"--edit {item}"
             ops.load_edit(name, model.n_styles, model.use().generator.style_dim)
@@ -384,7 +426,9 @@ def _edit_photos(args, edits, layers, text_edit, photos, missing) -> int:
                                                    "error")
             with warmup.listening(tqdm.write):  # "first run at batch N: compiling..." between the bar's lines
                 latent, _ = ops.encode(model, faces)
-                offsets, _ = ops.refine(model, faces, latent, args.iterations)
+                offsets = None  # SFE's inversion is finished after encoding
+                if model.engine == ops.HYPERSTYLE:
+                    offsets, _ = ops.refine(model, faces, latent, args.iterations)
                 if args.optimize_steps > 0:
                     latent, offsets, _ = _optimize(ops, model, faces, latent, offsets, args, tqdm)
                 edited = latent

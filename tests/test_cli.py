@@ -224,7 +224,7 @@ def test_fp16_on_cpu_runs_fp32_and_says_so(models_dir, assets_dir, tmp_path, cap
 
     asked = []
 
-    def record_precision(checkpoint, encoder, precision, device):
+    def record_precision(checkpoint, encoder, precision, device, generator=None):
         asked.append(precision)
         raise RuntimeError("stop here: only the precision asked for matters")
 
@@ -270,3 +270,57 @@ def test_library_names_still_import_from_the_package():
     assert set(hyperstyle_nodes.__all__) <= set(dir(hyperstyle_nodes))
     with pytest.raises(ImportError):
         from hyperstyle_nodes import no_such_name  # noqa: F401
+
+
+# ---- --engine sfe ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def sfe_models_dir(models_dir, tmp_path):
+    from hyperstyle_nodes.tiny import make_tiny_sfe
+
+    for name, path in make_tiny_sfe(tmp_path / "sfe_files").items():
+        shutil.copy(path, models_dir / f"tiny_{name}.pt")
+    return models_dir
+
+
+def sfe_args(models_dir, *extra):
+    return ["--models-dir", str(models_dir), "--engine", "sfe", "--checkpoint", "tiny_sfe_editor.pt", "--encoder",
+            "tiny_e4e.pt", "--generator", "tiny_generator.pt", "--detector", "retinaface_mobilenet0.25.pth",
+            "--align-size", "256", "--device", "cpu", "--offline", *extra]
+
+
+def test_engine_sfe_edits_and_saves_an_sfe_inversion(sfe_models_dir, assets_dir, tmp_path):
+    from hyperstyle_nodes.loaders import inversion_io
+
+    photo = assets_dir / "testdata" / "faces" / "astronaut.png"
+    out = tmp_path / "out"
+    code = cli.main(["edit", str(photo), "--out", str(out), "--edit", "tiny_age.pt=+2", "--save-inversion",
+                     *sfe_args(sfe_models_dir)])
+    assert code == cli.EXIT_OK
+    assert Image.open(out / "astronaut_edited.png").size == Image.open(photo).size
+    _, _, meta = inversion_io.load_inversion(out / "astronaut_inversion.safetensors")
+    assert meta["model_id"].startswith("tiny_sfe_editor.pt") and "features" in meta["sfe"]
+
+
+def test_engine_sfe_refuses_hyperstyle_steps_and_checkpoints(sfe_models_dir, assets_dir, tmp_path, capsys):
+    photo = assets_dir / "testdata" / "faces" / "astronaut.png"
+    code = cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), *sfe_args(sfe_models_dir, "--iterations",
+                                                                                 "3")])
+    assert code == cli.EXIT_USAGE
+    assert "--iterations: HyperStyle only; --engine sfe inverts in one pass" in capsys.readouterr().err
+    code = cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), *sfe_args(sfe_models_dir, "--checkpoint",
+                                                                                 "tiny_hyperstyle.pt")])
+    assert code == cli.EXIT_USAGE
+    assert "is a hyperstyle checkpoint, but --engine is sfe" in capsys.readouterr().err
+
+
+def test_engine_sfe_picks_its_default_files(tmp_path, capsys, assets_dir):
+    photo = assets_dir / "testdata" / "faces" / "astronaut.png"
+    code = cli.main(["edit", str(photo), "--out", str(tmp_path / "o"), "--models-dir", str(tmp_path / "empty"),
+                     "--offline", "--engine", "sfe", "--edit", "fs_glasses=10", "--edit", "lipstick=20"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_WEIGHTS
+    for named in ("--checkpoint sfe_editor_light", "--encoder e4e_ffhq_encode", "--generator stylegan2-ffhq-config-f",
+                  "--edit fs_glasses=10: ", "Eyeglasses_boundary.npy", "--edit lipstick=20: ", "ffhq_pca.pt"):
+        assert named in err, named

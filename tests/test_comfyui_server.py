@@ -10,13 +10,14 @@ import re
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from comfy_server import REPO_ROOT, ComfyServer, comfyui_dir
 from conftest import _assets_root
-from hyperstyle_nodes.tiny import write_tiny_checkpoints
+from hyperstyle_nodes.tiny import make_tiny_sfe, write_tiny_checkpoints
 
 ASSETS = _assets_root()
 
@@ -32,15 +33,18 @@ TINY = {"hyperstyle_ffhq": "tiny_hyperstyle.pt", "faces_w_encoder": "tiny_w_enco
         "e4e_ffhq_encode": "tiny_e4e.pt", "stylegan2-ffhq-config-f": "tiny_generator.pt",
         "retinaface_resnet50": "retinaface_mobilenet0.25.pth",
         "interfacegan_age": "directions/tiny_age.pt"}  # tiny models have 64-d codes: a 64-d direction
+# the SFE workflow: tiny SFE files (their own narrower e4e and generator) and a flattened W+ boundary as SFE's fs_ files
+TINY_SFE = {**TINY, "sfe_editor_light": "sfe/sfe_editor.pt", "e4e_ffhq_encode": "sfe/e4e.pt",
+            "stylegan2-ffhq-config-f": "sfe/generator.pt", "sfe_fs_smiling": "directions/tiny_fs_smiling.npy"}
 
 
-def load_workflow(name: str) -> dict:
+def load_workflow(name: str, tiny: dict = TINY) -> dict:
     """An API-format example workflow with the registry model names swapped for the tiny test files."""
     prompt = json.loads((WORKFLOWS / name).read_text())
     for node in prompt.values():
         for key, value in node["inputs"].items():
-            if isinstance(value, str) and value in TINY:
-                node["inputs"][key] = TINY[value]
+            if isinstance(value, str) and value in tiny:
+                node["inputs"][key] = tiny[value]
     return prompt
 
 
@@ -57,6 +61,8 @@ def server(tmp_path_factory, tiny_ckpts):
     # full-width channels: a model big enough (~150 MiB) that freeing it shows in the server's memory
     write_tiny_checkpoints(models / "wide", size=128, narrow=1.0)
     _add_text_edit_files(models, tiny_ckpts["generator"])
+    make_tiny_sfe(models / "sfe")  # 128 px: 12 codes of 64
+    np.save(models / "directions" / "tiny_fs_smiling.npy", np.random.default_rng(0).standard_normal((1, 12 * 64)))
     if ASSETS.is_dir():  # the full edit workflow needs a real photo and real detector weights
         shutil.copy(ASSETS / "models/retinaface/retinaface_mobilenet0.25.pth", models)
         shutil.copy(ASSETS / "testdata/faces/portrait_b.jpg", base / "input" / "photo.png")
@@ -136,6 +142,33 @@ def test_full_edit_workflow(server, assets_dir):
     original = Image.open(server.base / "input" / "photo.png")
     assert path.is_file() and Image.open(path).size == original.size
     print(f"edited photo: {path}")
+
+
+def test_sfe_edit_workflow(server, assets_dir):
+    """The SFE twin: load image -> align -> SFE encode -> SFE's fs_smiling edit -> decode through the feature editor
+    -> paste back -> save; the same Load HyperStyle node loads the SFE file."""
+    info = server.get("/object_info")
+    choices = info["HyperStyleLoader"]["input"]["required"]["checkpoint"][0]
+    assert {"sfe_editor_light", "sfe_inverter_light", "sfe/sfe_editor.pt"} <= set(choices)
+    assert "sfe_fs_smiling" in info["HyperStyleApplyEdit"]["input"]["required"]["direction"][0]
+    prompt = load_workflow("edit_photo_sfe_api.json", TINY_SFE)
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["8"]["images"][0]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    original = Image.open(server.base / "input" / "photo.png")
+    assert path.is_file() and Image.open(path).size == original.size
+    assert re.search(r"HyperStyle: loading .*sfe_editor.pt.* from disk", server.log()), server.log()[-2000:]
+    # SFE has no Refine: the node says what to connect instead
+    prompt["9"] = {"class_type": "HyperStyleRefine",
+                   "inputs": {"model": ["3", 0], "image": ["2", 0], "latent": ["4", 0], "iterations": 1}}
+    prompt["10"] = {"class_type": "HyperStyleDecode",
+                    "inputs": {"model": ["3", 0], "latent": ["4", 0], "deltas": ["9", 0], "output_size": "native"}}
+    prompt["7"]["inputs"]["face"] = ["10", 0]
+    err = error_of(server.run_prompt(prompt))
+    assert "HyperStyle Refine works with HyperStyle models" in err["exception_message"]
+    assert "straight to Apply Edit Direction / Decode" in err["exception_message"]
+    print(f"SFE-edited photo: {path}")
 
 
 def encode_decode_only(size="native", checkpoint=None, encoder=None):

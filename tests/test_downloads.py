@@ -616,7 +616,9 @@ def test_real_registry_has_the_released_weights():
     assert set(registry) == {
         "hyperstyle_ffhq", "faces_w_encoder", "e4e_ffhq_encode", "stylegan2-ffhq-config-f", "retinaface_resnet50",
         "retinaface_mobilenet0.25", "stylegan_nada_pixar", "stylegan_nada_sketch", "stylegan_nada_disney_princess",
-        "interfacegan_age", "interfacegan_smile", "interfacegan_pose", "ganspace_ffhq_pca", "dlib_shape_predictor_68"}
+        "interfacegan_age", "interfacegan_smile", "interfacegan_pose", "ganspace_ffhq_pca", "dlib_shape_predictor_68",
+        "sfe_editor_light", "sfe_inverter_light", "interfacegan_rotation", "sfe_fs_glasses", "sfe_fs_smiling",
+        "sfe_fs_makeup"}
     hyperstyle = registry["hyperstyle_ffhq"]
     assert (hyperstyle.repo_id, hyperstyle.filename, hyperstyle.repo_type, hyperstyle.size, hyperstyle.kind) == (
         "trysem/DualStyleGANplus", "models/hyperstyle/hyperstyle_ffhq.pt", "model", 1_440_969_951, "hyperstyle")
@@ -627,6 +629,14 @@ def test_real_registry_has_the_released_weights():
         "akhaliq/JoJoGAN", "e4e/editings/ganspace_pca/ffhq_pca.pt", "space", 167_562)
     assert registry["retinaface_resnet50"].repo_id == "camenduru/facexlib"
     assert registry["retinaface_mobilenet0.25"].repo_id == "leonelhs/facexlib"
+    editor = registry["sfe_editor_light"]  # the authors' model repo; size and hash unknown here: the Hub's are used
+    assert (editor.repo_id, editor.filename, editor.repo_type, editor.kind, editor.size, editor.sha256) == (
+        "AIRI-Institute/StyleFeatureEditor", "pretrained_models/sfe_editor_light.pt", "model", "sfe_editor", None, None)
+    assert registry["sfe_inverter_light"].kind == "sfe_inverter"
+    glasses = registry["sfe_fs_glasses"]  # the official repository's file: its size and sha256
+    assert (glasses.filename, glasses.size, glasses.kind) == ("editings/bound/Eyeglasses_boundary.npy", 36_992,
+                                                              "direction")
+    assert glasses.sha256.startswith("227c8eda") and registry["interfacegan_rotation"].size == 2_808
 
 
 @pytest.mark.parametrize("field, value, complaint", [

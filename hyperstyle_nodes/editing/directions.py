@@ -116,7 +116,8 @@ def _pick_tensor(content: object, path: Path, preferred_key: str) -> Tensor:
 
 def _accepted_shapes_text(n_styles: int | None, style_dim: int) -> str:
     n = n_styles if n_styles is not None else "n_styles"
-    return f"({style_dim},), (1, {style_dim}), ({n}, {style_dim}) or (1, {n}, {style_dim})"
+    return (f"({style_dim},), (1, {style_dim}), ({n}, {style_dim}) or (1, {n}, {style_dim}) (also flattened, "
+            f"(1, {n}*{style_dim}))")
 
 
 def _as_direction_matrix(raw: Tensor, n_styles: int | None, style_dim: int, source: str) -> Tensor:
@@ -140,6 +141,8 @@ def _as_direction_matrix(raw: Tensor, n_styles: int | None, style_dim: int, sour
         matrix = raw[0]
     else:
         raise wrong(f"{len(shape)} dimensions are not a W or W+ direction")
+    if matrix.shape[0] == 1 and matrix.shape[-1] > style_dim and matrix.shape[-1] % style_dim == 0:
+        matrix = matrix.reshape(-1, style_dim)  # a flattened W+ direction (1, n_styles * D): SFE's fs_* boundaries
 
     if matrix.shape[-1] != style_dim:
         raise wrong(f"its last dimension is {matrix.shape[-1]}, not the latent size {style_dim}")
@@ -160,8 +163,8 @@ def load_direction(path_or_tensor, n_styles: int | None = None, style_dim: int =
 
     Accepts a path to .pt/.pth (plain tensors only; pickled code is refused), .npy, or .safetensors (a single
     tensor or one named 'direction'), or a tensor / numpy array. Accepted shapes: (D,), (1, D), (n_styles, D),
-    (1, n_styles, D). Pass the model's `n_styles` so that a W+ direction made for another resolution is refused
-    here, with a clear message, instead of failing later inside the generator.
+    (1, n_styles, D), and W+ flattened as (1, n_styles * D). Pass the model's `n_styles` so that a W+ direction
+    made for another resolution is refused here, with a clear message, instead of failing later inside the generator.
     """
     if isinstance(path_or_tensor, Tensor):
         raw, source = path_or_tensor, "direction tensor"

@@ -35,7 +35,8 @@ log = logging.getLogger("hyperstyle_nodes")
 
 FOLDER_TYPE = "hyperstyle"
 MODEL_EXTENSIONS = frozenset({".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".pkl"})
-KINDS = ("hyperstyle", "w_encoder", "e4e", "generator", "face_detector", "direction", "ganspace", "landmarks")
+KINDS = ("hyperstyle", "w_encoder", "e4e", "generator", "face_detector", "direction", "ganspace", "landmarks",
+         "sfe_editor", "sfe_inverter")
 REPO_TYPES = ("model", "space")
 REGISTRY_FIELDS = ("repo_id", "filename", "repo_type", "size", "sha256", "kind", "licence", "description")
 # weights/registry.json in a checkout (ComfyUI custom_nodes, editable installs); a wheel ships the same file as

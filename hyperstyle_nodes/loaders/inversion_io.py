@@ -1,9 +1,14 @@
-"""Saving and loading HyperStyle inversions (latent codes + per-layer weight offsets) as .safetensors.
+"""Saving and loading inversions as .safetensors: HyperStyle's (latent codes + per-layer weight offsets) and
+StyleFeatureEditor's (latent codes + e4e codes + F-space features).
 
-File layout (format version 1):
+File layout (format version 1; version 2 for SFE inversions and StyleSpace edits, so that older readers ask to update
+instead of calling the file damaged):
   tensors   'codes'            [B, n_styles, style_dim]
             'delta.<layer>'    one per tuned generator layer, exactly as given: [B, out, in, k, k] (full) or
                                [B, out, in] (compact per-channel; never expanded, so files stay small)
+            'sfe.<name>'       SFE only, the names of SFE_TENSORS: e4e codes (edited like the codes), the unedited
+                               inversion's codes and e4e codes, its F-space features [B, C, H, W]
+            'stylespace'       after a StyleSpace edit only: [B, K] amounts added to K style channels at decode
   metadata  'format'           'hyperstyle-inversion'
             'format_version'   '1'
             'model_id'         which HyperStyle model made the offsets (they only fit that generator)
@@ -12,6 +17,8 @@ File layout (format version 1):
             'delta_layers'     JSON list of the layer indices that are stored
             'dtype'            dtype of the codes (e.g. 'float32'); offsets keep their own dtype
             'extra'            JSON object from the caller (e.g. source image name, alignment info)
+            'sfe_tensors'      SFE only: JSON list of the 'sfe.<name>' tensors stored
+            'stylespace_channels'  with 'stylespace': JSON list of its K [generator layer, channel] pairs
 Safetensors keeps every tensor's dtype and bytes, so a round trip is bit-exact.
 """
 from __future__ import annotations
@@ -29,7 +36,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT_NAME = "hyperstyle-inversion"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads; HyperStyle inversions are still written as version 1
+SFE_TENSORS = ("e4e_codes", "inverted_codes", "inverted_e4e_codes", "features")
+_SFE_REQUIRED = ("inverted_codes", "features")
 SUFFIX = ".safetensors"
 _COUNTER_DIGITS = 5
 _MAX_NAME_ATTEMPTS = 100
@@ -72,6 +81,34 @@ def _check_inversion(codes: Tensor, deltas: Sequence[Tensor | None], model_id: s
             raise ValueError(f"deltas[{layer}] has batch {delta.shape[0]} but codes have batch {batch}")
 
 
+def _check_sfe(sfe: dict, batch: int) -> None:
+    unknown = set(sfe) - set(SFE_TENSORS)
+    missing = [name for name in _SFE_REQUIRED if sfe.get(name) is None]
+    if unknown or missing:
+        raise ValueError(f"an SFE inversion holds {', '.join(SFE_TENSORS)} ({', '.join(_SFE_REQUIRED)} required); "
+                         f"got unknown {sorted(unknown)}, missing {missing}")
+    for name, tensor in sfe.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or tensor.shape[0] != batch:
+            found = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"SFE tensor {name!r} must be a float tensor of batch {batch}; got {found}")
+
+
+def _checked_channels(channels, amounts, batch: int) -> list:
+    """A StyleSpace edit's (layer, channel) pairs as int tuples, checked against its amounts [batch, K]."""
+    try:
+        pairs = [(int(layer), int(channel)) for layer, channel in channels]
+    except (TypeError, ValueError):
+        raise ValueError(f"StyleSpace channels must be (layer, channel) pairs of whole numbers; got {channels!r}") \
+            from None
+    if not isinstance(amounts, Tensor) or not amounts.is_floating_point() or amounts.shape != (batch, len(pairs)):
+        found = tuple(amounts.shape) if isinstance(amounts, Tensor) else type(amounts).__name__
+        raise ValueError(f"StyleSpace amounts must be a float tensor [{batch}, {len(pairs)}] (batch, channels); "
+                         f"got {found}")
+    if any(layer < 0 or channel < 0 for layer, channel in pairs) or len(set(pairs)) != len(pairs):
+        raise ValueError(f"StyleSpace channels must be distinct non-negative (layer, channel) pairs; got {pairs}")
+    return pairs
+
+
 def _next_free_path(path: Path) -> Path:
     """`path` if free, else `<stem>_NNNNN.safetensors` numbered after the highest existing one (as ComfyUI does,
     so numbers never go back and refill gaps)."""
@@ -88,8 +125,10 @@ def _next_free_path(path: Path) -> Path:
 
 
 def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_id: str,
-                   extra: dict | None = None, overwrite: bool = False, signature: str = "") -> Path:
-    """Save an inversion; returns the path actually written.
+                   extra: dict | None = None, overwrite: bool = False, signature: str = "",
+                   sfe: dict | None = None, stylespace: tuple | None = None) -> Path:
+    """Save an inversion; returns the path actually written. `sfe`: an SFE inversion's tensors by SFE_TENSORS name;
+    `stylespace`: (channels, amounts) of a StyleSpace edit, ((layer, channel), ...) and [B, K].
 
     `path` gets '.safetensors' appended unless it already ends so; missing folders are created. With
     overwrite=False an existing file is never replaced: the next free `<stem>_00001.safetensors` style name is
@@ -99,6 +138,11 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     if path.suffix.lower() != SUFFIX:  # names like 'jane.doe' keep their dot
         path = path.with_name(path.name + SUFFIX)
     _check_inversion(codes, deltas, model_id)
+    sfe = {name: tensor for name, tensor in (sfe or {}).items() if tensor is not None}
+    if sfe:
+        _check_sfe(sfe, codes.shape[0])
+    if stylespace is not None:
+        channels = _checked_channels(stylespace[0], stylespace[1], codes.shape[0])
     try:
         extra_json = json.dumps(extra or {}, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -109,9 +153,13 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     present = [layer for layer, delta in enumerate(deltas) if delta is not None]
     for layer in present:
         tensors[f"delta.{layer}"] = _standalone_cpu(deltas[layer], seen)
+    for name, tensor in sfe.items():
+        tensors[f"sfe.{name}"] = _standalone_cpu(tensor, seen)
+    if stylespace is not None:
+        tensors["stylespace"] = _standalone_cpu(stylespace[1], seen)
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": "2" if sfe or stylespace is not None else "1",
         "model_id": model_id,
         "num_layers": str(len(deltas)),
         "delta_layers": json.dumps(present),
@@ -120,6 +168,10 @@ def save_inversion(path, codes: Tensor, deltas: Sequence[Tensor | None], model_i
     }
     if signature:
         metadata["generator_signature"] = signature
+    if sfe:
+        metadata["sfe_tensors"] = json.dumps(list(sfe))
+    if stylespace is not None:
+        metadata["stylespace_channels"] = json.dumps([list(c) for c in channels])
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file first, so a crash never leaves a half-written file under the final name.
@@ -174,7 +226,9 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
 
     Returns (codes, deltas, metadata): deltas is a list of length num_layers with None where a layer is not
     tuned; metadata has 'format_version' (int), 'model_id' (str), 'num_layers' (int), 'delta_layers'
-    (list[int]), 'dtype' (str), 'extra' (dict) and, for files saved with one, 'generator_signature' (str).
+    (list[int]), 'dtype' (str), 'extra' (dict), for files saved with one 'generator_signature' (str), for an
+    SFE inversion 'sfe' (dict: SFE_TENSORS name -> tensor), and after a StyleSpace edit 'stylespace'
+    ((layer, channel) pairs, amounts [B, K]).
     """
     path = Path(path)
     if not path.is_file():
@@ -200,6 +254,8 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
             }
             if "generator_signature" in raw_meta:
                 metadata["generator_signature"] = raw_meta["generator_signature"]
+            sfe_names = [str(name) for name in json.loads(raw_meta.get("sfe_tensors", "[]"))]
+            channels = json.loads(raw_meta["stylespace_channels"]) if "stylespace_channels" in raw_meta else None
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path}: damaged inversion metadata ({type(err).__name__}: {err})") from None
         if metadata["format_version"] > FORMAT_VERSION:
@@ -207,14 +263,29 @@ def load_inversion(path, device="cpu") -> tuple[Tensor, list[Tensor | None], dic
                              f"version of hyperstyle-nodes supports ({FORMAT_VERSION}); please update the node pack")
 
         num_layers, delta_layers = metadata["num_layers"], metadata["delta_layers"]
-        expected = {"codes", *(f"delta.{i}" for i in delta_layers)}
+        expected = {"codes", *(f"delta.{i}" for i in delta_layers), *(f"sfe.{name}" for name in sfe_names),
+                    *(["stylespace"] if channels is not None else [])}
         if set(names) != expected or any(not 0 <= i < num_layers for i in delta_layers):
             raise ValueError(f"{path}: damaged inversion: metadata lists layers {delta_layers} of {num_layers} "
-                             f"but the file holds tensors {sorted(names)}")
+                             f"{f'and SFE tensors {sfe_names} ' if sfe_names else ''}"
+                             f"{'and StyleSpace amounts ' if channels is not None else ''}but the file holds tensors "
+                             f"{sorted(names)}")
         codes = reader.get_tensor("codes")
         deltas: list[Tensor | None] = [None] * num_layers
         for layer in delta_layers:
             deltas[layer] = reader.get_tensor(f"delta.{layer}")
+        if sfe_names:
+            metadata["sfe"] = {name: reader.get_tensor(f"sfe.{name}") for name in sfe_names}
+            try:
+                _check_sfe(metadata["sfe"], codes.shape[0])
+            except ValueError as err:
+                raise ValueError(f"{path}: damaged inversion: {err}") from None
+        if channels is not None:
+            amounts = reader.get_tensor("stylespace")
+            try:
+                metadata["stylespace"] = (tuple(_checked_channels(channels, amounts, codes.shape[0])), amounts)
+            except ValueError as err:
+                raise ValueError(f"{path}: damaged inversion: {err}") from None
     return codes, deltas, metadata
 
 
