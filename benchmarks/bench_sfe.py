@@ -25,6 +25,11 @@ weights, so both run the same weights and max_abs_diff_vs_official (on the offic
     python benchmarks/bench_sfe.py --table                                     # ours (CUDA)
     python benchmarks/bench_sfe.py --official /path/to/StyleFeatureEditor --table
     python benchmarks/bench_sfe.py --device cpu --tiny --size 128              # CPU smoke test (CI)
+    python benchmarks/bench_sfe.py --device cpu --official DIR --parity --skip-bench --size 1024   # parity
+
+--parity (CPU, fp32, the reference ops): the official model read back from official-format random files by its own
+FSEFull.load_weights, ours by load_sfe; codes within 1e-4, the inversion and an edited image within 1e-3, and our
+batch of 2 against each image alone; one "parity" line with every difference.
 """
 from __future__ import annotations
 
@@ -170,8 +175,8 @@ def _stub(name: str, **attrs) -> None:
 
 
 def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
-    """Build the official CUDA extensions in a child process (so a hang or a compiler error cannot take this process
-    down); return "cuda-ext" when they load, else "reference (why)"."""
+    """Build the official CUDA extensions in child processes (so a hang or a compiler error cannot take this process
+    down), within `timeout` seconds; return "cuda-ext" when they load and run, else "reference (why)"."""
     if device.type != "cuda":
         return "reference (not a CUDA device)"
     missing = [tool for tool in ("nvcc", "ninja") if shutil.which(tool) is None
@@ -183,14 +188,30 @@ def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
     if "TORCH_CUDA_ARCH_LIST" not in env:
         major, minor = torch.cuda.get_device_capability(device)
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    op_dir = root / "models" / "psp" / "stylegan2" / "op"
+    # the two extensions compile in parallel, with the official load() arguments (so the official import below
+    # finds them built); then a child imports the official op package and runs both ops
+    builds = [subprocess.Popen([sys.executable, "-c", "import sys; from torch.utils.cpp_extension import load; "
+                                f"load({name!r}, sources=[{str(op_dir / cpp)!r}, {str(op_dir / cu)!r}])"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+              for name, cpp, cu in (("fused", "fused_bias_act.cpp", "fused_bias_act_kernel.cu"),
+                                    ("upfirdn2d", "upfirdn2d.cpp", "upfirdn2d_kernel.cu"))]
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); import torch; "
             f"import models.psp.stylegan2.op as op; x = torch.randn(2, 4, 8, 8, device='cuda'); "
             f"op.fused_leaky_relu(x, torch.zeros(4, device='cuda')); "
             f"op.upfirdn2d(x, torch.ones(4, 4, device='cuda'), up=2, pad=(2, 1)); torch.cuda.synchronize()")
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+        for build in builds:
+            build.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=max(1.0, timeout - (time.perf_counter() - start)))
     except subprocess.TimeoutExpired:
+        for build in builds:  # the compilers too: they would steal the CPU from the timing
+            if build.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(build.pid, 9)
         return f"reference (the CUDA extensions did not build within {timeout:.0f} s)"
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -302,10 +323,11 @@ def build_official(off, size: int = 1024, seed: int = 0, device="cpu", calibrate
     fse.pool = nn.AdaptiveAvgPool2d((256, 256))
     with torch.no_grad():
         fse.latent_avg = fse.decoder.mean_latent(1000)[0]
-    fse.eval().requires_grad_(False)
+    fse.eval().requires_grad_(False).to(device)
+    fse.latent_avg = fse.latent_avg.to(device)
     if calibrate:
         _calibrate_official(fse, seed)
-    return fse.to(device)
+    return fse
 
 
 @torch.no_grad()
@@ -313,7 +335,8 @@ def _calibrate_official(fse: nn.Module, seed: int) -> None:
     """calibrate_batchnorm_ for each network on what it reads in the official pipeline: the inverter and e4e on
     images, the fuser on [predicted feature, the generator's feature 9], the feature editor on [fused, an edit's
     delta]."""
-    x = test_images(2, 256, seed=seed + 99) * 2 - 1
+    device = fse.latent_avg.device
+    x = test_images(2, 256, seed=seed + 99).to(device) * 2 - 1
     inverter = fse.inverter
     calibrate_batchnorm_(inverter.fs_backbone, lambda: inverter.fs_backbone(x))
     calibrate_batchnorm_(fse.e4e_encoder, lambda: fse.e4e_encoder(x))
@@ -327,7 +350,7 @@ def _calibrate_official(fse: nn.Module, seed: int) -> None:
     own = feature(codes)
     calibrate_batchnorm_(inverter.fuser, lambda: inverter.fuser(torch.cat([predicted, own], dim=1)))
     fused = inverter.fuser(torch.cat([predicted, own], dim=1))
-    move = 2 * edit_direction(codes.shape[-1], seed + 5)
+    move = 2 * edit_direction(codes.shape[-1], seed + 5).to(device)
     delta = own - feature(codes + move)
     calibrate_batchnorm_(fse.encoder, lambda: fse.encoder(torch.cat([fused, delta], dim=1)))
 
@@ -400,6 +423,81 @@ class OfficialRunner:
         return ((edited[:, 0].float() + 1) / 2).clamp(0, 1)  # [B, 1, 3, R, R] in [-1, 1] -> ours' range
 
 
+# ---- parity (CPU, fp32) ------------------------------------------------------------------------------------------
+
+PARITY_LIMITS = {"codes": 1e-4, "e4e_codes": 1e-4, "inversion": 1e-3, "edited": 1e-3}
+
+
+def parity_check(off, size: int, input_size: int, report, seed: int = 0) -> dict:
+    """Ours against the official code on official-format random files, CPU fp32: the official model is read back from
+    the files by the official FSEFull.load_weights (into a differently seeded one), ours by load_sfe. Codes within
+    1e-4, the inversion and an InterFaceGAN-style edit within 1e-3 (images in [0, 1]; the raw [-1, 1] generator
+    outputs are reported too), and our batch of 2 against each image alone."""
+    from hyperstyle_nodes.engines.sfe import model as sfe_model
+    start = time.perf_counter()
+    source = build_official(off, size, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="sfe_parity_") as tmp:
+        files = write_official_files(source, tmp)
+        official = build_official(off, size, seed=seed + 1, calibrate=False)
+        official.opts.checkpoint_path = str(files["sfe_editor"])
+        official.opts.stylegan_weights = str(files["generator"])
+        official.opts.e4e_path = str(files["e4e"])
+        with contextlib.redirect_stdout(sys.stderr):
+            off.methods.FSEFull.load_weights(official)
+        official.eval()
+        expected, loaded = source.state_dict(), official.state_dict()
+        not_restored = [k for k in expected if not torch.equal(expected[k], loaded[k])]
+        if not_restored or not torch.equal(source.latent_avg, official.latent_avg):
+            raise RuntimeError(f"the official loader did not read back {not_restored[:5]} from the files")
+        del source, expected, loaded
+        ours = load_sfe(files["sfe_editor"], e4e=files["e4e"], generator=files["generator"])
+    g = torch.Generator().manual_seed(seed + 1234)
+    images = test_images(2, input_size, seed=seed + 1234)
+    images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    direction = edit_direction(ours.generator.style_dim)
+    move = EDIT_DEGREE / 2 * direction
+    runner = OfficialRunner(off, official, direction, "cpu")
+    with torch.inference_mode():
+        off_images, off_batch = runner.invert_full(images)
+        off_edit = off.runners.FSEInferenceRunner._run_editing_on_batch(runner.runner, off_batch, "direction",
+                                                                        [EDIT_DEGREE])[:, 0]
+    raw = lambda t: t.float()  # noqa: E731
+    unit = lambda t: ((t.float() + 1) / 2).clamp(0, 1)  # noqa: E731
+    mad = lambda a, b: float((a.float() - b.float()).abs().max())  # noqa: E731
+    saved = sfe_model.to_unit_range
+    sfe_model.to_unit_range = raw  # our generator's raw output, to compare before the [0, 1] clamp as well
+    try:
+        def ours_run(x):
+            with torch.inference_mode():
+                inv = ours.invert(x)
+                return inv, ours.decode(inv, inv.codes + move, inv.e4e_codes + move)
+        inv, edited = ours_run(images)
+        alone = {}
+        for i in range(2):
+            inv1, edited1 = ours_run(images[i:i + 1])
+            for name, a, b in (("codes", inv1.codes, inv.codes), ("e4e_codes", inv1.e4e_codes, inv.e4e_codes),
+                               ("features", inv1.features, inv.features), ("inversion", unit(inv1.images),
+                                                                           unit(inv.images)),
+                               ("edited", unit(edited1), unit(edited))):
+                alone[name] = max(alone.get(name, 0.0), mad(a, b[i:i + 1]))
+    finally:
+        sfe_model.to_unit_range = saved
+    diffs = {"codes": mad(inv.codes, off_batch["latents"]), "e4e_codes": mad(inv.e4e_codes, off_batch["w_e4e"]),
+             "features": mad(inv.features, off_batch["fused_feat"]),
+             "inversion": mad(unit(inv.images), unit(off_images)), "edited": mad(unit(edited), unit(off_edit)),
+             "inversion_raw": mad(inv.images, off_images), "edited_raw": mad(edited, off_edit)}
+    failed = sorted([k for k, limit in PARITY_LIMITS.items() if not diffs[k] <= limit] +
+                    [f"alone_{k}" for k in ("codes", "e4e_codes") if not alone[k] <= 1e-4] +
+                    [f"alone_{k}" for k in ("inversion", "edited") if not alone[k] <= 1e-3])
+    scale = {"codes_abs_max": float(off_batch["latents"].abs().max()),
+             "features_abs_max": float(off_batch["fused_feat"].abs().max()),
+             "inversion_raw_std": float(off_images.std()),
+             "edit_changes_image_mean": float((unit(off_edit) - unit(off_images)).abs().mean())}
+    return report(kind="parity", ops=off.ops, input_size=input_size, max_abs_diff=diffs,
+                  batch2_vs_alone_max_abs_diff=alone, scale=scale, limits=PARITY_LIMITS, failed=failed,
+                  ok=not failed, seconds=round(time.perf_counter() - start, 1))
+
+
 # ---- timing ------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -465,6 +563,7 @@ class Report:
         if self.out:
             with open(self.out, "a") as f:
                 f.write(line + "\n")
+        return row
 
 
 def print_table(rows):
@@ -508,6 +607,9 @@ def main(argv=None):
     p.add_argument("--no-build-ops", dest="build_ops", action="store_false",
                    help="official: use the reference ops without trying to build the CUDA extensions")
     p.add_argument("--build-timeout", type=float, default=150, help="seconds for building the official CUDA ops")
+    p.add_argument("--parity", action="store_true",
+                   help="with --official: ours against the official code on CPU in fp32 (at --size) first")
+    p.add_argument("--skip-bench", action="store_true", help="no timing (e.g. only --parity)")
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--label", default="", help="free text added to every line")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
@@ -518,6 +620,10 @@ def main(argv=None):
     unknown = set(args.precisions) - set(DTYPES)
     if unknown:
         p.error(f"--precisions: unknown {', '.join(sorted(unknown))} (use {', '.join(DTYPES)})")
+    if args.parity and not args.official:
+        p.error("--parity compares with the official code: give --official DIR")
+    if args.parity and args.device != "cpu":
+        p.error("--parity runs on the CPU in fp32 with the reference ops: add --device cpu")
     if args.official and args.tiny:
         p.error("--tiny narrows only our networks; with --official both run the official widths (use --size 128 "
                 "for a small generator instead)")
@@ -533,15 +639,24 @@ def main(argv=None):
 
     start = time.perf_counter()
     off = fse = None
-    tmp = None
     if args.official:
         off = import_official(args.official, device, args.build_ops, args.build_timeout)
-        fse = build_official(off, args.size, seed=0, device="cpu")
-        tmp = tempfile.TemporaryDirectory(prefix="bench_sfe_")
-        files = write_official_files(fse, tmp.name)
-        master = load_sfe(files["sfe_editor"], e4e=files["e4e"], generator=files["generator"])
-        tmp.cleanup()
         report(kind="official_ops", ops=off.ops)
+    if args.parity:
+        row = parity_check(off, args.size, args.input_size or args.size, report)
+        if not row["ok"]:
+            print(f"# PARITY FAILED: {row['failed']}", file=sys.stderr, flush=True)
+    if args.skip_bench:
+        if args.table:
+            print_table(report.rows)
+        return report.rows
+    if args.official:
+        fse = build_official(off, args.size, seed=0, device=device)
+        with tempfile.TemporaryDirectory(prefix="bench_sfe_") as tmp:
+            files = write_official_files(fse, tmp)
+            master = load_sfe(files["sfe_editor"], e4e=files["e4e"], generator=files["generator"])
+        fse.to("cpu")
+        fse.latent_avg = fse.latent_avg.cpu()
     else:
         master = build_ours(args.size, args.tiny)
     print(f"# built the model(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
