@@ -381,6 +381,15 @@ def write_official_files(fse: nn.Module, folder) -> dict:
     return paths
 
 
+def _scratch_dir():
+    """Where the temporary official-format files go: memory (/dev/shm) when there is room for the released ~2 GB."""
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError):
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 6 * GIB:
+            return str(shm)
+    return None
+
+
 class OfficialRunner:
     """The official inversion and edit: FSEInferenceRunner's methods on a stand-in runner holding the model, with
     the InterFaceGAN edit formula of LatentEditor.get_interface_gan_edits (w + degree / 2 * direction)."""
@@ -436,7 +445,7 @@ def parity_check(off, size: int, input_size: int, report, seed: int = 0) -> dict
     from hyperstyle_nodes.engines.sfe import model as sfe_model
     start = time.perf_counter()
     source = build_official(off, size, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="sfe_parity_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sfe_parity_", dir=_scratch_dir()) as tmp:
         files = write_official_files(source, tmp)
         official = build_official(off, size, seed=seed + 1, calibrate=False)
         official.opts.checkpoint_path = str(files["sfe_editor"])
@@ -652,7 +661,7 @@ def main(argv=None):
         return report.rows
     if args.official:
         fse = build_official(off, args.size, seed=0, device=device)
-        with tempfile.TemporaryDirectory(prefix="bench_sfe_") as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench_sfe_", dir=_scratch_dir()) as tmp:
             files = write_official_files(fse, tmp)
             master = load_sfe(files["sfe_editor"], e4e=files["e4e"], generator=files["generator"])
         fse.to("cpu")
