@@ -353,6 +353,13 @@ def _calibrate_official(fse: nn.Module, seed: int) -> None:
     move = 2 * edit_direction(codes.shape[-1], seed + 5).to(device)
     delta = own - feature(codes + move)
     calibrate_batchnorm_(fse.encoder, lambda: fse.encoder(torch.cat([fused, delta], dim=1)))
+    # the random generator's images have a std of ~7 (most pixels would clamp in [0, 1]): scale its to-RGB layers
+    # (linear in their weights and biases; nothing else reads them) to a std of 0.5
+    image = fse.decoder([codes], input_is_latent=True, randomize_noise=False)[0]
+    gain = 0.5 / float(image.std())
+    for to_rgb in [fse.decoder.to_rgb1, *fse.decoder.to_rgbs]:
+        to_rgb.conv.weight.mul_(gain)
+        to_rgb.bias.mul_(gain)
 
 
 def write_official_files(fse: nn.Module, folder) -> dict:
@@ -499,6 +506,7 @@ def parity_check(off, size: int, input_size: int, report, seed: int = 0) -> dict
                     [f"alone_{k}" for k in ("codes", "e4e_codes") if not alone[k] <= 1e-4] +
                     [f"alone_{k}" for k in ("inversion", "edited") if not alone[k] <= 1e-3])
     scale = {"codes_abs_max": float(off_batch["latents"].abs().max()),
+             "inversion_fraction_clamped": float((off_images.abs() > 1).float().mean()),
              "features_abs_max": float(off_batch["fused_feat"].abs().max()),
              "inversion_raw_std": float(off_images.std()),
              "edit_changes_image_mean": float((unit(off_edit) - unit(off_images)).abs().mean())}
@@ -708,4 +716,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(r["kind"] == "parity" and not r["ok"] for r in main()) else 0)
