@@ -353,9 +353,11 @@ def _calibrate_official(fse: nn.Module, seed: int) -> None:
     move = 2 * edit_direction(codes.shape[-1], seed + 5).to(device)
     delta = own - feature(codes + move)
     calibrate_batchnorm_(fse.encoder, lambda: fse.encoder(torch.cat([fused, delta], dim=1)))
-    # the random generator's images have a std of ~7 (most pixels would clamp in [0, 1]): scale its to-RGB layers
-    # (linear in their weights and biases; nothing else reads them) to a std of 0.5
-    image = fse.decoder([codes], input_is_latent=True, randomize_noise=False)[0]
+    # the random generator's SFE images have a std of ~7 (most pixels would clamp in [0, 1]): scale its to-RGB
+    # layers (linear in their weights and biases; nothing else reads them) to a std of 0.5 for the inversion
+    edited = fse.encoder(torch.cat([fused, torch.zeros_like(fused)], dim=1))
+    image = fse.decoder([codes], input_is_latent=True, randomize_noise=False,
+                        new_features=[None] * 9 + [edited] + [None] * 8)[0]
     gain = 0.5 / float(image.std())
     for to_rgb in [fse.decoder.to_rgb1, *fse.decoder.to_rgbs]:
         to_rgb.conv.weight.mul_(gain)
