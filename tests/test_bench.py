@@ -287,3 +287,62 @@ def test_first_call_child_reports_one_line_per_shape(tmp_path, monkeypatch):
     assert seen == [False]
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--fresh-process", "--paths", "default,turbo"])
+
+
+# ---- benchmarks/bench_sfe.py (StyleFeatureEditor, ours vs the official code) -------------------------------------
+
+BENCH_SFE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sfe.py"
+
+
+def load_bench_sfe():
+    spec = importlib.util.spec_from_file_location("bench_sfe", BENCH_SFE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_sfe_on_cpu(tmp_path):
+    out = tmp_path / "sfe.jsonl"
+    rows = load_bench_sfe().main(["--device", "cpu", "--tiny", "--size", "128", "--input-size", "256",
+                                  "--batches", "1,2", "--precisions", "fp32", "--reps", "1", "--warmup", "0",
+                                  "--out", str(out), "--table"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == rows and rows[0]["kind"] == "env" and rows[0]["torch"]
+    timed = [r for r in rows if r["kind"] == "sfe"]
+    assert {(r["impl"], r["batch"], r["precision"]) for r in timed} == {("ours", 1, "fp32"), ("ours", 2, "fp32")}
+    for r in timed:
+        assert r["ms_per_image"] > 0 and r["invert_ms_per_image"] > 0 and r["edit_ms_per_image"] > 0
+        # one timed call: the total is its two phases
+        assert abs(r["invert_ms_per_image"] + r["edit_ms_per_image"] - r["ms_per_image"]) < 0.01
+        assert r["finite"] and r["gpu"] == "cpu" and r["size"] == 128 and r["peak_alloc_gib"] is None
+
+
+def test_bench_sfe_reference_ops_follow_the_official_definitions():
+    """The plain-PyTorch stand-ins for the official fused_act / upfirdn2d CUDA extensions."""
+    ops = load_bench_sfe()._reference_ops_module()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    expected = torch.where(x + bias[:, None, None] > 0, x + bias[:, None, None], 0.2 * (x + bias[:, None, None]))
+    torch.testing.assert_close(ops.fused_leaky_relu(x, bias), expected * 2 ** 0.5)
+    act = ops.FusedLeakyReLU(3)
+    assert list(act.state_dict()) == ["bias"] and torch.equal(act(x), ops.fused_leaky_relu(x, torch.zeros(3)))
+    torch.testing.assert_close(ops.fused_leaky_relu(x[:, :, 0, 0], bias), expected[:, :, 0, 0] * 2 ** 0.5)
+    one = torch.ones(1, 1)
+    up = ops.upfirdn2d(x, one, up=2)  # zero insertion
+    assert up.shape == (2, 3, 16, 16) and torch.equal(up[..., ::2, ::2], x)
+    assert up[..., 1::2, :].abs().sum() == 0 and up[..., :, 1::2].abs().sum() == 0
+    assert torch.equal(ops.upfirdn2d(x, one, pad=(-1, -2)), x[..., 1:-2, 1:-2])  # negative padding crops
+    assert torch.equal(ops.upfirdn2d(x, one, down=2), x[..., ::2, ::2])
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[..., 2, 2] = 1
+    kernel = torch.arange(9.0).view(3, 3)
+    # a true convolution: the impulse response is the kernel itself, not its mirror image
+    assert torch.equal(ops.upfirdn2d(impulse, kernel, pad=(1, 1))[0, 0, 1:4, 1:4], kernel)
+
+
+def test_bench_sfe_official_needs_a_checkout(tmp_path):
+    bench = load_bench_sfe()
+    with pytest.raises(SystemExit, match="not a StyleFeatureEditor checkout"):
+        bench.main(["--device", "cpu", "--official", str(tmp_path), "--skip-bench"])
+    with pytest.raises(SystemExit):  # argparse: --parity needs the official code
+        bench.main(["--device", "cpu", "--parity"])

@@ -203,3 +203,34 @@ def test_safetensors_conversion_gives_the_same_model(sfe_files, sfe, tmp_path, i
     model = load_sfe(converted, e4e=sfe_files["e4e"], generator=sfe_files["generator"])
     for name, tensor in sfe.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+# ---- parity with the official code (opt-in: it needs a checkout of AIRI-Institute/StyleFeatureEditor) ------------
+
+@pytest.mark.skipif(not __import__("os").environ.get("SFE_OFFICIAL_DIR"),
+                    reason="set SFE_OFFICIAL_DIR to a StyleFeatureEditor checkout to compare with the official code "
+                           "(CPU, fp32, a few minutes)")
+def test_parity_with_the_official_code(tmp_path):
+    """benchmarks/bench_sfe.py --parity in a fresh process (the official code's top-level modules would collide with
+    other imports): official classes with random seeded weights, official-format files read back by the official
+    loader and by load_sfe; codes within 1e-4, inversion and edited images within 1e-3, batch 2 = each alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "parity.jsonl"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sfe.py"
+    size = os.environ.get("SFE_PARITY_SIZE", "128")
+    done = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--official", os.environ["SFE_OFFICIAL_DIR"],
+                           "--parity", "--skip-bench", "--size", size, "--input-size", "256", "--out", str(out)],
+                          capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    parity = [r for r in rows if r["kind"] == "parity"]
+    assert len(parity) == 1 and parity[0]["ok"], parity
+    diffs = parity[0]["max_abs_diff"]
+    assert diffs["codes"] <= 1e-4 and diffs["e4e_codes"] <= 1e-4
+    assert diffs["inversion"] <= 1e-3 and diffs["edited"] <= 1e-3
+    assert parity[0]["scale"]["edit_changes_image_mean"] > 1e-2  # the edit moved the image: not a vacuous match
