@@ -4,12 +4,18 @@ and its speed.
 Quality: with a self-check run (`python -m hyperstyle_nodes.train --synthetic --out RUN`), its W-encoder and
 hypernetwork, on its held-out images, reconstruction L2 (images in [-1, 1], at the loss size) and LPIPS after
 0, 10, 50, 200 steps, starting from
-    (a) the average latent            latent_avg for every image
-    (b) the encoder's codes           model.encode
-    (c) encoder + HyperStyle offsets  model.invert(n_iters) codes and offsets (offsets kept fixed)
-The metric after k steps is measured on the codes after k Adam updates. LPIPS is reported only when its networks
-are at hand (`lpips` package + AlexNet weights, --lpips-weights or the models folder); the iterator's own loss is
-L2 unless --lpips-lambda is given.
+    (a) the average latent            latent_avg for every image, no offsets
+    (b) the encoder's codes           model.encode, no offsets
+    (c) encoder + HyperStyle offsets  model.invert(n_iters): its codes and offsets
+and optimising, for every start alike (--optimize):
+    codes            the W+ codes only; (c)'s offsets stay as HyperStyle predicted them
+    codes+offsets    the codes and the offsets of the hypernetwork's tuned layers: (c) starts them at HyperStyle's
+                     prediction, (a) and (b) at zero (no offsets), so every start has the same parameters
+Every start gets the same steps, learning rate and schedule (--lr, --schedule: the library's default). The row for
+N steps is the result of `model.optimize(..., steps=N)` (a separate run per N: the learning-rate ramp-down scales with
+the run's length). LPIPS is reported only when its networks are at hand (`lpips` package + AlexNet weights,
+--lpips-weights or the models folder); the iterator's own loss is L2 unless --lpips-lambda is given.
+A last line per --optimize ("kind": "verdict") says whether (b) and (c) are below (a) at every step count.
 
 Speed (--speed): Adam steps per second of the iterator alone (generator forward + backward, fp32) on a random
 generator of the released shapes, at --speed-size px and batch 1.
@@ -32,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyperstyle_nodes import load_hyperstyle  # noqa: E402
 from hyperstyle_nodes.engines.hyperstyle.model import HYPERNET_INPUT_SIZE, pool_to  # noqa: E402
-from hyperstyle_nodes.engines.hyperstyle.optimize import descend, image_losses  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle.optimize import (DEFAULT_LR, DEFAULT_SCHEDULE, SCHEDULES,  # noqa: E402
+                                                          descend, image_losses)
 from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig  # noqa: E402
 from hyperstyle_nodes.train.data import find_images, load_image  # noqa: E402
 
@@ -53,6 +60,10 @@ def lpips_metric(weights):
         return build_lpips(weights), None
     except LossWeightsError as err:
         return None, str(err).splitlines()[0]
+
+
+STARTS = ("a_average_latent", "b_encoder", "c_encoder_hyperstyle")
+MODES = ("codes", "codes+offsets")
 
 
 def quality(args) -> None:
@@ -76,32 +87,46 @@ def quality(args) -> None:
     starts = {"a_average_latent": (model.latent_avg[None].expand(len(files), -1, -1).clone(), None),
               "b_encoder": (encoder_codes, None),
               "c_encoder_hyperstyle": (refined.codes, refined.deltas)}
-    checkpoints = sorted(set(args.steps))
-    for name, (codes, deltas) in starts.items():
-        results = {}
 
-        def record(done, total, current):
-            k = done - 1  # this step measured the codes after done - 1 updates
-            if k in checkpoints:
-                with torch.no_grad():
-                    y = current * 2 - 1
-                    row = {"l2": torch.mean((y - target) ** 2).item()}
-                    if lpips_net is not None:
-                        row["lpips"] = lpips_net(y, target).mean().item()
-                results[k] = row
+    def measure(inv_images):
+        with torch.no_grad():
+            y = pool_to(inv_images.float(), size) * 2 - 1
+            row = {"l2": torch.mean((y - target) ** 2).item()}
+            if lpips_net is not None:
+                row["lpips"] = lpips_net(y, target).mean().item()
+        return row
 
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        descend(model.generator, target, codes, deltas, losses, max(checkpoints) + 1, args.lr, on_step=record)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        for k in checkpoints:
-            emit({"kind": "quality", "start": name, "steps": k, **results[k],
-                  "lpips_note": None if lpips_net is not None else f"not measured: {why_not}",
-                  "images": len(files), "lr": args.lr, "lpips_lambda": args.lpips_lambda, "device": str(device),
-                  "steps_per_second_batch": (max(checkpoints) + 1) / seconds}, args.out)
+
+    table = {}
+    for mode in args.optimize:
+        for name in STARTS:
+            codes, deltas = starts[name]
+            for k in sorted(set(args.steps)):
+                sync()
+                t0 = time.perf_counter()
+                inv = model.optimize(images, codes, deltas, steps=k, lr=args.lr, schedule=args.schedule,
+                                     optimize_deltas=mode == "codes+offsets", losses=losses)
+                sync()
+                seconds = time.perf_counter() - t0
+                row = measure(inv.images)
+                table[(mode, name, k)] = row["l2"]
+                offsets = ("none" if deltas is None and mode == "codes" else
+                           "zero, optimised" if deltas is None else
+                           "HyperStyle's, " + ("fixed" if mode == "codes" else "optimised"))
+                emit({"kind": "quality", "start": name, "optimize": mode, "offsets": offsets, "steps": k, **row,
+                      "lpips_note": None if lpips_net is not None else f"not measured: {why_not}",
+                      "images": len(files), "lr": args.lr, "schedule": args.schedule,
+                      "lpips_lambda": args.lpips_lambda, "device": str(device), "seconds": seconds,
+                      "steps_per_second_batch": k / seconds if k else None}, args.out)
+        below = {other: all(table[(mode, other, k)] < table[(mode, "a_average_latent", k)] for k in args.steps)
+                 for other in STARTS[1:]}
+        emit({"kind": "verdict", "optimize": mode, "steps": sorted(set(args.steps)),
+              "b_below_a_at_every_step_count": below["b_encoder"],
+              "c_below_a_at_every_step_count": below["c_encoder_hyperstyle"],
+              "l2": {name: [table[(mode, name, k)] for k in sorted(set(args.steps))] for name in STARTS}}, args.out)
 
 
 def speed(args) -> None:
@@ -133,7 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=32, help="held-out images (one batch)")
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[0, 10, 50, 200])
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="the learning rate over a run")
+    p.add_argument("--optimize", type=lambda s: [m for m in s.split(",") if m], default=list(MODES),
+                   help="what every start optimises: codes, codes+offsets, or both comma-separated")
     p.add_argument("--n-iters", type=int, default=5, help="HyperStyle passes for start (c)")
     p.add_argument("--lpips-lambda", type=float, default=0.0, help="the iterator's LPIPS weight (default: L2 only)")
     p.add_argument("--lpips-weights", default=None, help="AlexNet weights for LPIPS (default: the models folder)")
@@ -144,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed-warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args(argv)
+    bad = [m for m in args.optimize if m not in MODES]
+    if bad or not args.optimize:
+        p.error(f"--optimize takes {' or '.join(MODES)} (comma-separated), got {','.join(args.optimize) or 'nothing'}")
     if not args.run and not args.speed:
         p.error("pass --run RUN (quality) and/or --speed")
     if args.run:

@@ -88,3 +88,44 @@ def test_collaborative_under_torchrun_shares_the_cache(domain, tmp_path):
     for name, value in ranks[0].items():
         assert torch.equal(value, ranks[1][name]), name
     assert [float(r["cache_images"]) for r in rows(out / "logs" / "train.csv")] == [4, 8]  # 2 processes x 2 images
+
+
+def test_cache_find_tells_known_from_new_images():
+    cache = CodeCache(dim=2, device="cpu")
+    known, codes, losses = cache.find(torch.tensor([5, 6]))  # an empty cache
+    assert known.tolist() == [False, False] and torch.isinf(losses).all() and codes.shape == (2, 2)
+    cache.offer(torch.tensor([6]), torch.tensor([[1.0, 2.0]]), torch.tensor([0.3]))
+    known, codes, losses = cache.find(torch.tensor([5, 6]))
+    assert known.tolist() == [False, True] and codes[1].tolist() == [1.0, 2.0]
+    assert torch.isinf(losses[0]) and losses[1].item() == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("start", ["encoder", "cache"])
+def test_iterator_start(domain, tmp_path, monkeypatch, start):
+    """--iterator-start cache: an image seen before is refined further from its cached code (when that beats the
+    encoder's); encoder: always from the encoder's code."""
+    from hyperstyle_nodes.train import collaborative
+
+    calls = []
+    real = collaborative.descend
+
+    def recording(generator, target, codes, *args, **kwargs):
+        calls.append((collaborative.image_keys(target).tolist(), codes.clone()))
+        result = real(generator, target, codes, *args, **kwargs)
+        calls[-1] += (result[0].clone(),)
+        return result
+
+    monkeypatch.setattr(collaborative, "descend", recording)
+    out = tmp_path / start
+    # 8 images, 2 per batch: two epochs; a tiny encoder learning rate, so the cached codes stay the better ones
+    # (the encoder's codes still change with the batch: its BatchNorm layers use batch statistics)
+    assert main(collaborative_args(domain, out, "--max-steps", "8", "--val-interval", "0", "--image-interval", "0",
+                                   "--lr", "1e-7", "--iterator-start", start)) == 0
+    first = {k: refined[i] for keys, _, refined in calls[:4] for i, k in enumerate(keys)}
+    assert len(first) == 8 and len(calls) == 8
+    continued = [torch.equal(codes[i], first[key]) for keys, codes, _ in calls[4:] for i, key in enumerate(keys)]
+    # cache: an image continues from where epoch 1 left it, unless the encoder's code is now better (here most
+    # continue: the encoder barely learns); encoder: every image starts from the encoder's code again
+    assert sum(continued) >= (4 if start == "cache" else 0) and (start == "cache" or not any(continued))
+    opts = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["opts"]
+    assert opts["iterator_start"] == start

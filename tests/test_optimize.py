@@ -11,7 +11,7 @@ import torch
 import nodes as pack_nodes
 from conftest import install_fake_comfy
 from hyperstyle_nodes import load_hyperstyle, ops
-from hyperstyle_nodes.engines.hyperstyle.optimize import _cached_losses, image_losses
+from hyperstyle_nodes.engines.hyperstyle.optimize import _cached_losses, image_losses, lr_factor
 from hyperstyle_nodes.train import losses as train_losses
 
 STEPS = 6
@@ -76,6 +76,28 @@ def test_offsets_stay_fixed_unless_optimised(tiny_model, face_batch, start):
     assert [i for i, d in enumerate(fresh.deltas) if d is not None] == tuned
     assert all(fresh.deltas[i].abs().sum() > 0 for i in tuned)
     assert torch.allclose(tiny_model.decode(fresh.codes, fresh.deltas), fresh.images, atol=1e-5)
+
+
+def test_rampdown_schedule_lowers_the_rate_to_zero_over_the_last_quarter():
+    steps = 100
+    factors = [lr_factor(i, steps, "rampdown") for i in range(steps)]
+    assert factors[:75] == [1.0] * 75  # held for the first 75%
+    assert all(a > b for a, b in zip(factors[74:], factors[75:]))  # then falling
+    assert 0 < factors[-1] < 0.01
+    assert [lr_factor(i, steps, "constant") for i in range(steps)] == [1.0] * steps
+    assert lr_factor(0, 1, "rampdown") == 1.0  # a one-step run takes a full step
+    assert lr_factor(3, 4) == 1.0  # constant is the default
+
+
+def test_schedule_changes_only_the_late_steps(tiny_model, face_batch, start):
+    codes, _ = start
+    constant = tiny_model.optimize(face_batch, codes, steps=4, lr=0.05)  # the default
+    ramped = tiny_model.optimize(face_batch, codes, steps=4, lr=0.05, schedule="rampdown")  # a smaller 4th step
+    three = tiny_model.optimize(face_batch, codes, steps=3, lr=0.05, schedule="constant")
+    moved = lambda a, b: (a.codes.float() - b.codes.float()).abs().max().item()
+    assert 0 < moved(ramped, three) < moved(constant, three)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosine'; use one of constant, rampdown"):
+        tiny_model.optimize(face_batch, codes, steps=1, schedule="cosine")
 
 
 def test_runs_inside_inference_mode_like_comfyui(tiny_ckpts, face_batch):
@@ -283,9 +305,25 @@ def test_bench_optimize_on_cpu(tiny_ckpts, face_batch, tmp_path):
                                 "0.05", "--speed", "--speed-size", "32", "--speed-steps", "2", "--speed-warmup", "1",
                                 "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    quality = {(r["start"], r["steps"]): r for r in rows if r["kind"] == "quality"}
-    assert set(quality) == {(s, k) for s in ("a_average_latent", "b_encoder", "c_encoder_hyperstyle") for k in (0, 2)}
-    for start in ("a_average_latent", "b_encoder", "c_encoder_hyperstyle"):
-        assert quality[(start, 2)]["l2"] < quality[(start, 0)]["l2"]
+    quality = {(r["optimize"], r["start"], r["steps"]): r for r in rows if r["kind"] == "quality"}
+    starts = ("a_average_latent", "b_encoder", "c_encoder_hyperstyle")
+    modes = ("codes", "codes+offsets")
+    assert set(quality) == {(m, s, k) for m in modes for s in starts for k in (0, 2)}
+    for mode in modes:
+        for start in starts:
+            assert quality[(mode, start, 2)]["l2"] < quality[(mode, start, 0)]["l2"]
+            assert quality[(mode, start, 2)]["schedule"] == "constant"
+        # the same start in both modes before any step
+        for start in starts:
+            assert quality[("codes", start, 0)]["l2"] == pytest.approx(quality[("codes+offsets", start, 0)]["l2"])
+    assert quality[("codes", "c_encoder_hyperstyle", 2)]["offsets"] == "HyperStyle's, fixed"
+    assert quality[("codes+offsets", "a_average_latent", 2)]["offsets"] == "zero, optimised"
+    verdicts = {r["optimize"]: r for r in rows if r["kind"] == "verdict"}
+    assert set(verdicts) == set(modes)
+    for mode, verdict in verdicts.items():
+        l2 = {s: [quality[(mode, s, k)]["l2"] for k in (0, 2)] for s in starts}
+        assert verdict["l2"] == l2
+        assert verdict["b_below_a_at_every_step_count"] == all(b < a for b, a in zip(l2["b_encoder"],
+                                                                                     l2["a_average_latent"]))
     speed = [r for r in rows if r["kind"] == "speed"]
     assert len(speed) == 1 and speed[0]["steps_per_second"] > 0

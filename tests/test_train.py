@@ -102,6 +102,10 @@ def test_encoder_stage_trains_and_writes_released_format(encoder_run, domain):
     val = rows(encoder_run / "logs" / "val.csv")
     assert [int(r["step"]) for r in val] == [0, 5, 10]
     assert float(val[-1]["loss"]) < float(val[0]["loss"])  # loss goes down
+    # each validation says when it began: seconds since the stage started, and of those spent training
+    wall, train_s = [float(r["wall_seconds"]) for r in val], [float(r["train_seconds"]) for r in val]
+    assert train_s[0] < 0.5 and wall == sorted(wall) and train_s == sorted(train_s) and train_s[-1] > 0
+    assert all(t <= w for t, w in zip(train_s, wall))
     train = rows(encoder_run / "logs" / "train.csv")
     assert len(train) == 10 and all(float(r["images_per_second"]) > 0 for r in train)
     assert list((encoder_run / "images").glob("val_*.png")) and list((encoder_run / "images").glob("train_*.png"))

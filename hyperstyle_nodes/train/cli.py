@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterator-steps", type=int, default=5, help="iterator steps per batch")
     g.add_argument("--iterator-lr", type=float, default=0.01, help="the iterator's Adam learning rate")
     g.add_argument("--latent-lambda", type=float, default=1.0, help="weight of the latent loss to the cached codes")
+    g.add_argument("--iterator-start", choices=["encoder", "cache"], default="encoder",
+                   help="encoder: the iterator starts from the encoder's code (the paper); cache: from the image's "
+                        "cached code when that one is better, so its refinement accumulates over epochs")
     _training_options(p)
 
     p = sub.add_parser("hypernet", help="train the HyperStyle hypernetwork (generator and W-encoder frozen)",

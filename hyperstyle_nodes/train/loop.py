@@ -101,6 +101,7 @@ class Trainer:
         self.val_loader = make_loader(val_set, self.val_sampler, cfg.val_batch_size, cfg.workers, pin, False)
         self.train_seconds = 0.0
         self.images_trained = 0
+        self.clock = None  # [start, seconds not training] of the running stage: validations log their time
         self.last_val: dict = {}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -156,6 +157,10 @@ class Trainer:
     # ---- validation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
+        timing = {}
+        if self.clock is not None:  # when this validation began: seconds since the stage started, and of those
+            elapsed = time.time() - self.clock[0]  # the ones spent training (for curves over time)
+            timing = {"wall_seconds": elapsed, "train_seconds": elapsed - self.clock[1]}
         self.stage.set_train(False)
         sums, count, columns = {}, 0, None
         for i, (x, y) in enumerate(self.val_loader):
@@ -172,7 +177,7 @@ class Trainer:
         totals = all_reduce_sum(self.info, torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64))
         result = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
         self.stage.set_train(True)
-        self.logger.scalars("val", self.step, result)
+        self.logger.scalars("val", self.step, {**result, **timing})
         self.logger.grid("val", self.step, columns or [])
         self.logger.info(f"[{self.stage.name}] step {self.step} validation: " +
                          ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -199,11 +204,13 @@ class Trainer:
         self.stage.set_train(True)
         start = time.time()
         reason = None
+        self.clock = [start, 0.0]
         with StopFlag(self.logger) as stop:
             if self.step == 0 and cfg.val_at_start:
                 self.validate()
             self._sync()
             loop_start, paused = time.time(), 0.0  # paused: validation and checkpoints, left out of throughput
+            self.clock[1] = loop_start - start
             progress = StageProgress(self.stage.name, self.step, cfg.max_steps, cfg.max_seconds,
                                      time.time() - start, enabled=info.is_main)
             window = {"sums": {}, "steps": 0, "t": time.time()}
@@ -232,11 +239,13 @@ class Trainer:
                         self._maybe_best(self.validate())
                         validated_at = self.step
                         paused += time.time() - t_pause
+                        self.clock[1] = loop_start - start + paused
                         window["t"] += time.time() - t_pause
                     if cfg.save_interval and self.step % cfg.save_interval == 0:
                         t_pause = time.time()
                         self.save_last()
                         paused += time.time() - t_pause
+                        self.clock[1] = loop_start - start + paused
                         window["t"] += time.time() - t_pause
                     progress.update(self.step, time.time() - start)
                     time_up = bool(cfg.max_seconds and time.time() - start >= cfg.max_seconds)

@@ -114,7 +114,8 @@ def run_encoder(args, info: DistInfo) -> dict:
         from .collaborative import CollaborativeEncoderStage
 
         stage_class = CollaborativeEncoderStage
-        extra = dict(iterator_steps=args.iterator_steps, iterator_lr=args.iterator_lr, latent_lambda=args.latent_lambda)
+        extra = dict(iterator_steps=args.iterator_steps, iterator_lr=args.iterator_lr, latent_lambda=args.latent_lambda,
+                     iterator_start=args.iterator_start)
         opts.update(collaborative=True, **extra)
     stage = stage_class(generator, encoder, latent_avg, _losses(args, lambdas), info, bf16=args.precision == "bf16",
                         w_norm_lambda=args.w_norm_lambda, opts=opts, **extra)
