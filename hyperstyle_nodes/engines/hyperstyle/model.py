@@ -23,6 +23,7 @@ from torch import nn
 
 from ...loaders import checkpoints as ckpts
 from ... import image_checks
+from ..common import GeneratorModel
 from ...stylegan2.cuda_graphs import GraphCache, WeightsWatch
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
@@ -71,7 +72,7 @@ def slice_deltas(deltas: Optional[Deltas], start: int, end: int) -> Optional[Del
     return [None if d is None else (d if d.shape[0] == 1 else d[start:end]) for d in deltas]
 
 
-class HyperStyleModel(nn.Module):
+class HyperStyleModel(GeneratorModel, nn.Module):
     def __init__(self, generator: Generator, hypernet: HyperNetwork, latent_avg: torch.Tensor,
                  encoder: Optional[nn.Module] = None, encoder_latent_avg: Optional[torch.Tensor] = None,
                  name: str = "hyperstyle"):
@@ -92,25 +93,7 @@ class HyperStyleModel(nn.Module):
         self._weights_watch = WeightsWatch()
 
     # ---- properties --------------------------------------------------------------------------------------------
-    @property
-    def resolution(self) -> int:
-        return self.generator.size
-
-    @property
-    def n_styles(self) -> int:
-        return self.generator.n_styles
-
-    @property
-    def device(self) -> torch.device:
-        return self.latent_avg.device
-
-    @device.setter
-    def device(self, _value) -> None:
-        """ComfyUI's ModelPatcher assigns `model.device` after moving the weights; we read it off the weights."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.generator.input.input.dtype
+    # resolution, n_styles, device, dtype: GeneratorModel
 
     # ---- building blocks (shared with training) ----------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import image_checks
+from ..common import GeneratorModel
 from ..hyperstyle.encoders import build_encoder
 from ..hyperstyle.model import build_generator, to_unit_range
 from .feature_editor import FeatureStack
@@ -45,7 +46,7 @@ class SFEInversion:
     images: Optional[torch.Tensor] = None  # [B, 3, R, R] in [0, 1], the reconstruction
 
 
-class SFEModel(nn.Module):
+class SFEModel(GeneratorModel, nn.Module):
     def __init__(self, generator: Generator, inverter: Inverter, latent_avg: torch.Tensor,
                  e4e: Optional[nn.Module] = None, feature_editor: Optional[FeatureStack] = None, name: str = "sfe"):
         super().__init__()
@@ -60,25 +61,7 @@ class SFEModel(nn.Module):
         self.generator_signature = ""  # checkpoints.weights_signature of the generator: inversions fit only it
 
     # ---- properties --------------------------------------------------------------------------------------------
-    @property
-    def resolution(self) -> int:
-        return self.generator.size
-
-    @property
-    def n_styles(self) -> int:
-        return self.generator.n_styles
-
-    @property
-    def device(self) -> torch.device:
-        return self.latent_avg.device
-
-    @device.setter
-    def device(self, _value) -> None:
-        """ComfyUI's ModelPatcher assigns `model.device` after moving the weights; we read it off the weights."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.generator.input.input.dtype
+    # resolution, n_styles, device, dtype: GeneratorModel
 
     @property
     def can_edit(self) -> bool:

@@ -1,0 +1,29 @@
+"""What every engine's model exposes the same way: size, style count, device and precision read off its generator
+and `latent_avg` buffer (so they follow `.to()` and ComfyUI's ModelPatcher without bookkeeping)."""
+from __future__ import annotations
+
+import torch
+
+
+class GeneratorModel:
+    """Mixin for an nn.Module with a `generator` (stylegan2.Generator) and a `latent_avg` buffer."""
+
+    @property
+    def resolution(self) -> int:
+        return self.generator.size
+
+    @property
+    def n_styles(self) -> int:
+        return self.generator.n_styles
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_avg.device
+
+    @device.setter
+    def device(self, _value) -> None:
+        """ComfyUI's ModelPatcher assigns `model.device` after moving the weights; we read it off the weights."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.input.input.dtype
