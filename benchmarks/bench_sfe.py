@@ -174,6 +174,17 @@ def _stub(name: str, **attrs) -> None:
     sys.modules[name] = module
 
 
+def _cuda_home():
+    """The CUDA toolkit's root (bin/nvcc and lib64/libcudart.so): torch guesses it from nvcc's folder, which for a
+    wrapper script in /usr/local/bin gives /usr/local, where the link then finds no libcudart."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))[::-1]]
+    for home in filter(None, candidates):
+        if Path(home, "bin", "nvcc").exists() and any(Path(home).glob("lib*/libcudart.so*")):
+            return home
+    return None
+
+
 def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
     """Build the official CUDA extensions in child processes (so a hang or a compiler error cannot take this process
     down), within `timeout` seconds; return "cuda-ext" when they load and run, else "reference (why)"."""
@@ -184,6 +195,14 @@ def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
                         Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists())]
     if missing:
         return f"reference ({' and '.join(missing)} not found: the CUDA extensions cannot build)"
+    # pip's CUDA wheels carry headers (cusparse.h, ...) that torch's extension headers include but a bare toolkit
+    # may lack; CPATH reaches both the host compiler and nvcc without changing the build's hash
+    wheel_includes = [str(d) for d in sorted(Path(torch.__file__).resolve().parents[1].glob("nvidia/*/include"))]
+    if wheel_includes:
+        os.environ["CPATH"] = os.pathsep.join(wheel_includes + [p for p in [os.environ.get("CPATH")] if p])
+    home = _cuda_home()
+    if home:
+        os.environ["CUDA_HOME"] = home
     env = dict(os.environ)
     if "TORCH_CUDA_ARCH_LIST" not in env:
         major, minor = torch.cuda.get_device_capability(device)
@@ -215,7 +234,7 @@ def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
         return f"reference (the CUDA extensions did not build within {timeout:.0f} s)"
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"reference (the CUDA extensions failed to build: {tail[0][:200]})"
+        return f"reference (the CUDA extensions failed to build or run: {tail[0][:200]})"
     os.environ["TORCH_CUDA_ARCH_LIST"] = env["TORCH_CUDA_ARCH_LIST"]  # the same build hash: the cached build loads
     print(f"# built the official CUDA extensions in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return "cuda-ext"
@@ -266,6 +285,10 @@ def import_official(official_dir, device: torch.device, build_ops: bool = True,
     _stub("metrics.metrics", metrics_registry=ClassRegistry())
     if ops != "cuda-ext":
         sys.modules["models.psp.stylegan2.op"] = _reference_ops_module()
+    elif "torch.utils.cpp_extension" in sys.modules and os.environ.get("CUDA_HOME"):
+        # imported before build_official_ops chose the toolkit: the same paths as the child builds, else the
+        # official import here would see a changed build file and compile again
+        sys.modules["torch.utils.cpp_extension"].CUDA_HOME = os.environ["CUDA_HOME"]
     import importlib
     mods = {name: importlib.import_module(path) for name, path in (
         ("methods", "models.methods"), ("runners", "runners.inference_runners"),
