@@ -143,6 +143,7 @@ class Report:
         if self.out:
             with open(self.out, "a") as f:
                 f.write(line + "\n")
+        return row
 
 
 def bench_precision(master, precision, args, device, images, reference, report):

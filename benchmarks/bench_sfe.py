@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline, also when loaded by file path
 
 from hyperstyle_nodes.engines.hyperstyle.encoders import EncoderConfig, build_encoder  # noqa: E402
 from hyperstyle_nodes.engines.sfe.feature_editor import FeatureStack, FeatureStackConfig  # noqa: E402
@@ -63,9 +64,9 @@ from hyperstyle_nodes.engines.sfe.model import SFEModel, load_sfe  # noqa: E402
 from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig  # noqa: E402
 from hyperstyle_nodes.tiny import (TINY_SFE_UNITS, TINY_SFE_WIDTHS, randomize_, tiny_encoder_config,  # noqa: E402
                                    tiny_generator_config)
+from bench_pipeline import GIB, Report, memory, sync  # noqa: E402 - one report format and memory reading for both
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
-GIB = 1024 ** 3
 EDIT_DEGREE = 5.0  # the official InterFaceGAN edit: codes + degree / 2 * direction
 
 
@@ -553,23 +554,11 @@ def precision_flags(precision: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_memory(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def memory(device) -> dict:
-    if device.type != "cuda":
-        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
-    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3)}
 
 
 def time_runner(runner, images: torch.Tensor, device, warmup: int, reps: int):
@@ -591,21 +580,6 @@ def time_runner(runner, images: torch.Tensor, device, warmup: int, reps: int):
                 inverts.append(middle - start)
                 edits.append(end - middle)
     return statistics.median(totals), statistics.median(inverts), statistics.median(edits), edited
-
-
-class Report:
-    def __init__(self, out, common: dict):
-        self.out, self.common, self.rows = out, common, []
-
-    def __call__(self, **row):
-        row = {**self.common, **row}
-        self.rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if self.out:
-            with open(self.out, "a") as f:
-                f.write(line + "\n")
-        return row
 
 
 def print_table(rows):

@@ -9,14 +9,19 @@ import torch
 
 from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench():
+    return load_benchmark("bench_pipeline")
 
 
 def test_bench_pipeline_on_cpu(tmp_path):
@@ -291,14 +296,8 @@ def test_first_call_child_reports_one_line_per_shape(tmp_path, monkeypatch):
 
 # ---- benchmarks/bench_sfe.py (StyleFeatureEditor, ours vs the official code) -------------------------------------
 
-BENCH_SFE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sfe.py"
-
-
 def load_bench_sfe():
-    spec = importlib.util.spec_from_file_location("bench_sfe", BENCH_SFE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_sfe")
 
 
 def test_bench_sfe_on_cpu(tmp_path):
