@@ -76,11 +76,12 @@ def build_model(size: int, tiny: bool, seed: int = 0) -> HyperStyleModel:
     return HyperStyleModel(generator, hypernet, latent_avg, encoder).eval()
 
 
-def test_images(batch: int, seed: int = 1234) -> torch.Tensor:
-    """Smooth random 'faces' in [0, 1] at 256x256 (content does not matter for speed; smooth keeps it image-like)."""
+def test_images(batch: int, size: int = 256, seed: int = 1234) -> torch.Tensor:
+    """Smooth random 'faces' in [0, 1] at size x size (content does not matter for speed; smooth keeps it
+    image-like)."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(batch, 3, 16, 16, generator=g)
-    return F.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ from hyperstyle_nodes.engines.sfe.model import SFEModel, load_sfe  # noqa: E402
 from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig  # noqa: E402
 from hyperstyle_nodes.tiny import (TINY_SFE_UNITS, TINY_SFE_WIDTHS, randomize_, tiny_encoder_config,  # noqa: E402
                                    tiny_generator_config)
-from bench_pipeline import GIB, Report, memory, sync  # noqa: E402 - one report format and memory reading for both
+from bench_pipeline import GIB, Report, memory, sync, test_images  # noqa: E402 - one report format and memory reading for both
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 EDIT_DEGREE = 5.0  # the official InterFaceGAN edit: codes + degree / 2 * direction
@@ -103,13 +103,6 @@ def edit_direction(style_dim: int, seed: int = 7) -> torch.Tensor:
     """A unit-norm [1, style_dim] W direction, the shape of the official interfacegan_directions/*.pt."""
     d = torch.randn(1, style_dim, generator=torch.Generator().manual_seed(seed))
     return d / d.norm()
-
-
-def test_images(batch: int, size: int, seed: int = 1234) -> torch.Tensor:
-    """Smooth random 'faces' in [0, 1] at size x size (content does not matter for speed)."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(batch, 3, 16, 16, generator=g)
-    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
 class OursRunner:
