@@ -2,7 +2,19 @@
 and `latent_avg` buffer (so they follow `.to()` and ComfyUI's ModelPatcher without bookkeeping)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+
+def broadcast_batch(t: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    """t itself if it has `batch` rows, a view repeating its single row `batch` times, else None (each caller says
+    in its own words what did not match)."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    return None
 
 
 class GeneratorModel:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ...loaders import checkpoints as ckpts
 from ... import image_checks
-from ..common import GeneratorModel
+from ..common import GeneratorModel, broadcast_batch
 from ...stylegan2.cuda_graphs import GraphCache, WeightsWatch
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
@@ -417,10 +417,9 @@ def _as_styles(latent_avg: torch.Tensor, n_styles: int) -> torch.Tensor:
 
 
 def _match_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
+    matched = broadcast_batch(t, batch)
+    if matched is not None:
+        return matched
     raise ValueError(f"{what} have batch size {t.shape[0]} but there are {batch} images; use matching batches "
                      f"or a single set of {what} to apply to every image")
 

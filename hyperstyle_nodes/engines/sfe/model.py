@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import image_checks
-from ..common import GeneratorModel
+from ..common import GeneratorModel, broadcast_batch
 from ..hyperstyle.encoders import build_encoder
 from ..hyperstyle.model import build_generator, to_unit_range
 from .feature_editor import FeatureStack
@@ -160,10 +160,9 @@ class SFEModel(GeneratorModel, nn.Module):
 
     @staticmethod
     def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
-        if t.shape[0] == batch:
-            return t
-        if t.shape[0] == 1:
-            return t.expand(batch, *t.shape[1:])
+        matched = broadcast_batch(t, batch)
+        if matched is not None:
+            return matched
         raise ValueError(f"the inversion has batch {t.shape[0]} but the edited codes have batch {batch}; pass codes "
                          f"for each inverted image, or invert one image to share it between several edits")
 
