@@ -104,3 +104,55 @@ def test_in_comfyui_the_notice_shows_under_the_running_node(monkeypatch, capsys)
     nodes._comfy_notice("later")
     assert sent == [("HyperStyle: first run", "7")]
     assert capsys.readouterr().out.splitlines() == ["HyperStyle: first run", "later"]
+
+
+class FakeAllocator:
+    """torch.cuda's memory-fraction calls on a pretend 80 GiB card, for the cap logic on CPU."""
+
+    def __init__(self, monkeypatch, fraction=1.0, reserved=2 << 30):
+        self.fraction, self.reserved, self.calls = fraction, reserved, []
+        props = type("Props", (), {"total_memory": 80 << 30})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: self.fraction)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: self.reserved)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set_fraction)
+
+    def set_fraction(self, fraction, device):
+        self.calls.append(fraction)
+        self.fraction = fraction
+
+
+def test_a_first_call_runs_under_a_memory_cap_then_the_cap_is_lifted(monkeypatch):
+    """The first of the two warm-up calls may add only the budget to what the allocator holds (so cuDNN cannot take a
+    65 GiB workspace while choosing its plan); the user's own fraction comes back afterwards."""
+    alloc = FakeAllocator(monkeypatch, fraction=0.9)
+    cache = cuda_graphs.GraphCache.__new__(cuda_graphs.GraphCache)
+    cache.device, cache.warmup_budget = "cuda:0", lambda batch: batch * (1 << 30)
+    seen = []
+    cache._warm_up(lambda x: seen.append(alloc.fraction), [torch.zeros(3, 2)])
+    assert seen == [(2 + 3) / 80, 0.9]  # capped at reserved + 3 images' budget, then the user's 0.9 again
+    assert alloc.fraction == 0.9
+
+
+def test_a_first_call_that_does_not_fit_under_the_cap_runs_again_without_it(monkeypatch):
+    alloc = FakeAllocator(monkeypatch)
+    cache = cuda_graphs.GraphCache.__new__(cuda_graphs.GraphCache)
+    cache.device, cache.warmup_budget = "cuda:0", lambda batch: 1 << 30
+    seen = []
+
+    def fn(x):
+        seen.append(alloc.fraction)
+        if alloc.fraction < 1.0:
+            raise torch.cuda.OutOfMemoryError("does not fit")
+
+    cache._warm_up(fn, [torch.zeros(1)])
+    assert seen == [3 / 80, 1.0, 1.0] and alloc.fraction == 1.0
+
+
+def test_a_tighter_cap_already_set_is_kept(monkeypatch):
+    alloc = FakeAllocator(monkeypatch, fraction=0.01)
+    with cuda_graphs.memory_cap("cuda:0", 1 << 30):
+        assert alloc.fraction == 0.01
+    with cuda_graphs.memory_cap("cuda:0", None):
+        assert alloc.fraction == 0.01
+    assert alloc.calls == []

@@ -285,7 +285,7 @@ class HyperStyleModel(GeneratorModel, nn.Module):
             return None
         signature = self._weights_watch.signature(self)
         if self._graph_cache is None or signature != self._graph_weights:
-            self._graph_cache, self._graph_weights = GraphCache(self.device), signature
+            self._graph_cache, self._graph_weights = GraphCache(self.device, self._warmup_budget), signature
         return self._graph_cache
 
     def _graphable_offsets(self, deltas: Deltas, batch: int) -> bool:
@@ -383,6 +383,11 @@ class HyperStyleModel(GeneratorModel, nn.Module):
         if fraction is not None:  # a cap set with set_per_process_memory_fraction, which mem_get_info does not show
             free = min(free, int(fraction(self.device) * total) - allocated)
         return max(1, int(0.8 * free) // per_image)
+
+    def _warmup_budget(self, batch: int) -> int:
+        """What a first call may add to the memory in use (`GraphCache`): the planner's estimate for an inversion of
+        this batch (about 1.5x what it uses), at least 1 GiB."""
+        return max(1 << 30, batch * self._bytes_per_image(inverting=True))
 
     def _bytes_per_image(self, inverting: bool) -> int:
         """Rough peak memory per image: a few of the largest activations, per-sample weights (fp32) and offsets."""
