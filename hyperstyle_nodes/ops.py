@@ -486,7 +486,7 @@ def _decode_sfe(model: LoadedModel, latent: Latent, offsets: Optional[Offsets], 
     edited = not (torch.equal(latent.codes, state.inverted_codes) and (
         state.e4e_codes is None or torch.equal(state.e4e_codes, state.inverted_e4e_codes)))
     if latent.stylespace is not None:  # the same StyleSpace moves on the codes' and e4e codes' styles
-        sfe._require_editing(inv)
+        sfe.require_editing(inv)
         moved = [_moved_styles(sfe.generator.styles(codes.to(sfe.dtype)), latent.stylespace, model.resolution)
                  for codes in (_on_model(sfe, latent.codes), on_model["e4e_codes"])]
         images = sfe.decode_styles(inv, *moved)
@@ -698,7 +698,7 @@ def _text_edit_sfe(model: LoadedModel, latent: Latent, neutral_text: str, target
     state = latent.sfe.repeated(len(alphas)) if len(alphas) > 1 else latent.sfe
     inv = SFEInversion(codes=_on_model(sfe, state.inverted_codes), e4e_codes=_on_model(sfe, state.inverted_e4e_codes),
                        features=_on_model(sfe, state.features))
-    sfe._require_editing(inv)  # an inverter-only model, or an inversion without e4e codes: said before CLIP runs
+    sfe.require_editing(inv)  # an inverter-only model, or an inversion without e4e codes: said before CLIP runs
     delta_s = text_direction(model, neutral_text, target_text, beta, clip_model, files_dir)
     styles, e4e_styles = (
         styleclip.edit_styles(_moved_styles(sfe.generator.styles(_on_model(sfe, codes).to(sfe.dtype)),

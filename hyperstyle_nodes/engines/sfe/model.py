@@ -104,7 +104,7 @@ class SFEModel(GeneratorModel, nn.Module):
                 raise SFEEditError("e4e_codes without codes: pass the edited inverter codes too (the same edit)")
             return self._decode(inversion, self._styles(inversion.codes, "the inversion's codes"), None)
         codes = self._checked_codes(codes, "codes")
-        self._require_editing(inversion)
+        self.require_editing(inversion)
         if e4e_codes is None:
             batch = codes.shape[0]
             e4e_codes = (self._batched(inversion.e4e_codes, batch).to(self.device, self.dtype)
@@ -118,7 +118,7 @@ class SFEModel(GeneratorModel, nn.Module):
         (`generator.styles(codes)` order, the same edit applied to both), as the official StyleSpace path."""
         self.generator.check_styles(styles)
         self.generator.check_styles(e4e_styles)
-        self._require_editing(inversion)
+        self.require_editing(inversion)
         return self._decode(inversion, [s.to(self.device, self.dtype) for s in styles],
                             [s.to(self.device, self.dtype) for s in e4e_styles])
 
@@ -143,7 +143,8 @@ class SFEModel(GeneratorModel, nn.Module):
     def _styles(self, codes: torch.Tensor, what: str) -> list:
         return self.generator.styles(self._checked_codes(codes, what))
 
-    def _require_editing(self, inversion: Optional[SFEInversion] = None) -> None:
+    def require_editing(self, inversion: Optional[SFEInversion] = None) -> None:
+        """Raises SFEEditError, saying what to load, unless this model (and the inversion, if given) can edit."""
         if self.feature_editor is None:
             raise SFEEditError(f"{self.name} is an SFE inverter (inversion only): it has no feature editor, so edits "
                                f"would lose the detail SFE keeps. Load sfe_editor_light.pt to edit.")
