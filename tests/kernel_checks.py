@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyperstyle_nodes.stylegan2 import generator as stylegan2  # noqa: E402
+from hyperstyle_nodes.engines.hyperstyle import fused_backbones  # noqa: E402
 from hyperstyle_nodes.stylegan2 import kernels  # noqa: E402
 
 
@@ -92,6 +93,27 @@ def check_rgb(device, dtype):
             assert got.is_contiguous() == contiguous
 
 
+def check_epilogue(device, dtype):
+    """The encoders' one pass after a convolution: every activation, gate and residual form, including a residual
+    read as a stride-2 view (IR-SE's subsampling shortcut)."""
+    n, c, h, w = 2, 70, 5, 6  # channels beyond one 64-wide tile
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    slope = (0.25 * torch.randn(c, device=device)).to(dtype)
+    gate = torch.rand(n, c, device=device).to(dtype)
+    big = torch.randn(n, c, 2 * h, 2 * w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    residuals = [(None, None, None), (x.flip(0).contiguous(memory_format=torch.channels_last), None, None),
+                 (big[:, :, ::2, ::2], None, None), (x.flip(0), torch.rand(c, device=device), torch.randn(c, device=device))]
+    for act in (0, 1, 2):
+        for g in (None, gate):
+            for residual, r_scale, r_shift in residuals:
+                args = (x, scale, shift, act, slope if act == 2 else None, g, residual, r_scale, r_shift)
+                got = kernels.channel_epilogue(*args)
+                what = f"epilogue act {act}, gate {g is not None}, residual {residual is not None}, bn {r_scale is not None}"
+                close(got, fused_backbones.epilogue_reference(*args), dtype, what)
+                assert got.is_contiguous(memory_format=torch.channels_last), what
+
+
 def check_all(device, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> None:
     assert kernels.available(), "Triton did not import"
     torch.manual_seed(0)
@@ -100,6 +122,8 @@ def check_all(device, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> 
             check_activation(device, dtype)
             check_weights(device, dtype)
             check_rgb(device, dtype)
+        for dtype in dtypes:
+            check_epilogue(device, dtype)
 
 
 if __name__ == "__main__":  # python tests/kernel_checks.py DEVICE [DTYPE ...]

@@ -126,3 +126,76 @@ def test_a_failing_kernel_hands_over_to_pytorch_with_a_warning(monkeypatch):
         assert kernels.styled_activation(y, torch.zeros(1, 1, 2, 2), torch.zeros(1), torch.zeros(2),
                                          torch.empty_like(y)) is None
     assert not kernels.available()  # from then on the PyTorch steps run
+
+
+def tiny_backbones(device, dtype):
+    """A tiny hypernetwork (ResNet-34 layout) and W-encoder (IR-SE-50 layout: both shortcut kinds) with non-trivial
+    batch norm statistics and slopes, channels-last as the model keeps them, and inputs for each."""
+    from hyperstyle_nodes.engines.hyperstyle.encoders import build_encoder
+    from hyperstyle_nodes.engines.hyperstyle.hypernetwork import HyperNetwork
+    from hyperstyle_nodes.tiny import tiny_encoder_config, tiny_hypernet_config
+
+    rng = torch.Generator().manual_seed(3)
+    gen_config = tiny_generator_config(64)
+    hypernet = randomize_(HyperNetwork(tiny_hypernet_config(gen_config)), rng).eval()
+    encoder = randomize_(build_encoder(tiny_encoder_config("w_encoder", gen_config)), rng).eval()
+    nets = [net.to(device=device, dtype=dtype).to(memory_format=torch.channels_last) for net in (hypernet, encoder)]
+    inputs = [torch.randn(2, c, 64, 64, generator=rng).to(device=device, dtype=dtype)
+              .contiguous(memory_format=torch.channels_last) for c in (6, 3)]
+    return nets, inputs
+
+
+def fused_and_plain(hypernet, encoder, x6, x3):
+    from hyperstyle_nodes.engines.hyperstyle import fused_backbones
+
+    with torch.no_grad():
+        fused = [fused_backbones.resnet_features(hypernet, x6)] + fused_backbones.irse_stages(encoder, x3)
+        plain = [hypernet.features(x6)] + encoder.stages(x3)
+    return fused, plain
+
+
+def test_fused_backbones_give_the_modules_numbers_on_the_cpu():
+    """The GPU inference path's backbones (batch norm folded into a scale and shift, one pass after each
+    convolution, the subsampling shortcut read in place), here with the PyTorch twin of the kernel, against the
+    modules' own forward (what the CPU, training and the official code run)."""
+    (hypernet, encoder), (x6, x3) = tiny_backbones("cpu", torch.float32)
+    fused, plain = fused_and_plain(hypernet, encoder, x6, x3)
+    assert len(fused) == 5
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_batch_norm_follows_its_weights():
+    from hyperstyle_nodes.engines.hyperstyle import fused_backbones
+
+    bn = randomize_(torch.nn.BatchNorm2d(4), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 4, 3, 3)
+    for _ in range(2):  # the second time from the cache, after an in-place update
+        scale, shift = fused_backbones.folded_batch_norm(bn)
+        with torch.no_grad():
+            torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
+            bn.running_mean.add_(1.0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with Triton (CI runs the PyTorch path on the CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backbones_on_triton_kernels_match_the_modules(dtype, monkeypatch):
+    """Both backbones through HyperNetwork.features / IRSEBackbone.stages: the default GPU path (the Triton
+    epilogue) against the modules' forward (HYPERSTYLE_COMPILE=0). fp32 in strict fp32; bf16 held to fp32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    (hypernet, encoder), (x6, x3) = tiny_backbones("cuda", torch.float32)
+    monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES["torch"]))
+    _, reference = fused_and_plain(hypernet, encoder, x6, x3)
+    hypernet, encoder, x6, x3 = (t.to(dtype) for t in (hypernet, encoder, x6, x3))
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
+        with torch.no_grad():
+            results[mode] = [hypernet.features(x6)] + encoder.stages(x3)
+    assert kernels.available()
+    for got, plain, ref in zip(results["triton"], results["torch"], reference):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+        else:
+            err = (got.float() - ref).pow(2).mean().sqrt().item()
+            assert err <= 1.5 * (plain.float() - ref).pow(2).mean().sqrt().item() + 1e-3

@@ -28,6 +28,7 @@ ACTIVATION_TILE = (64, 32)  # pixels x channels
 WEIGHT_BLOCK_C = 64
 BLOCK_DIAGONAL_TILE = (32, 32)
 RGB_BLOCK_W = 128
+EPILOGUE_TILE = (64, 64)  # pixels x channels
 
 
 def module():
@@ -215,3 +216,33 @@ def rgb_output(out: torch.Tensor, bias: torch.Tensor, skip: Optional[torch.Tenso
                  float(t00), float(t01), float(t02), float(t10), float(t11), float(t12),
                  HAS_SKIP=skip is not None, BLOCK_W=RGB_BLOCK_W)
     return image if ok else None
+
+
+def channel_epilogue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: int = 0,
+                     slope: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None, residual_scale: Optional[torch.Tensor] = None,
+                     residual_shift: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """act((x * scale + shift) * gate + residual [* residual_scale + residual_shift]) as a new channels-last tensor
+    (`fused_backbones.channel_epilogue` is its PyTorch twin and says what each input is). act: 0 none, 1 ReLU,
+    2 PReLU(slope). None where the layouts do not fit: x must be channels-last contiguous, residual of x's shape."""
+    if x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or x.numel() >= 2 ** 31:
+        return None
+    n, c, h, w = x.shape
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        return None
+    if gate is not None and (gate.shape != (n, c) or not gate.is_contiguous()):
+        return None
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    if x.numel() == 0:
+        return out
+    res = x if residual is None else residual
+    rs = (res.stride(0), res.stride(2), res.stride(3), res.stride(1))
+    kind = 0 if residual is None else (2 if residual_scale is not None else 1)
+    block_p, block_c = EPILOGUE_TILE
+    grid = (_cdiv(n * h * w, block_p), _cdiv(c, block_c))
+    ok = _launch("channel_epilogue_kernel", grid, x, out, scale, shift, x if gate is None else gate, res,
+                 scale if residual_scale is None else residual_scale,
+                 shift if residual_shift is None else residual_shift, scale if slope is None else slope,
+                 n * h * w, c, h * w, w, *rs, HAS_GATE=gate is not None, RESIDUAL=kind, ACT=act,
+                 BLOCK_P=block_p, BLOCK_C=block_c)
+    return out if ok else None

@@ -1,4 +1,5 @@
-"""Triton source of the generator's GPU kernels (launched by `kernels.py`, which says when and why).
+"""Triton source of the GPU kernels (launched by `kernels.py`, which says when and why): the generator's, and one
+for the encoders' batch norm + activation + residual steps.
 
 Every size and stride is a run-time argument, so each kernel compiles a handful of times in all (per dtype and a
 few flags), not per layer, batch size or precision the way torch.compile's static-shape graphs did. Sizes are kept
@@ -178,3 +179,45 @@ def rgb_output_kernel(image_ptr, out_ptr, bias_ptr, skip_ptr, height, width,
                 s = tl.load(base + sy * ks2 + sx * ks3, mask=ok, other=0.0).to(tl.float32)
                 v += ty * tx * s
     tl.store(image_ptr + b * is0 + c * is1 + y * is2 + x * is3, v.to(image_ptr.dtype.element_ty), mask=x_ok)
+
+
+@triton.jit(do_not_specialize=["n_pix", "n_ch", "hw", "width"])
+def channel_epilogue_kernel(x_ptr, out_ptr, scale_ptr, shift_ptr, gate_ptr, res_ptr, res_scale_ptr, res_shift_ptr,
+                            slope_ptr, n_pix, n_ch, hw, width, rs0, rs1, rs2, rsc,
+                            HAS_GATE: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The encoders' step after a convolution, in one pass: out = act((x * scale + shift) * gate + residual).
+
+    x, out: channels-last [N, C, H, W] (pixel p = (n H + h) W + w, channels contiguous); scale, shift [C] fp32 (an
+    inference batch norm); gate [N, C] (squeeze-and-excitation) if HAS_GATE. RESIDUAL: 0 none, 1 added as is,
+    2 through its own batch norm (r * res_scale + res_shift); any strides (rs0..rs2 over N, H, W; rsc over C), so a
+    subsampled view is read in place. ACT: 0 none, 1 ReLU, 2 PReLU with slope [C]."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = p < n_pix
+    c_mask = c < n_ch
+    mask = p_mask[:, None] & c_mask[None, :]
+    offsets = p[:, None] * n_ch + c[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    v = x * scale[None, :] + shift[None, :]
+    n = p // hw
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + n[:, None] * n_ch + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = v * gate
+    if RESIDUAL > 0:
+        rest = p % hw
+        r_pix = n * rs0 + (rest // width) * rs1 + (rest % width) * rs2
+        r = tl.load(res_ptr + r_pix[:, None] + c[None, :] * rsc, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            r_scale = tl.load(res_scale_ptr + c, mask=c_mask, other=0.0)
+            r_shift = tl.load(res_shift_ptr + c, mask=c_mask, other=0.0)
+            r = r * r_scale[None, :] + r_shift[None, :]
+        v = v + r
+    if ACT == 1:
+        v = tl.maximum(v, 0.0)
+    if ACT == 2:
+        slope = tl.load(slope_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        v = tl.where(v > 0, v, v * slope[None, :])
+    tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...stylegan2.generator import EqualLinear, fused
+from . import fused_backbones
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class IRSEBackbone(nn.Module):
         self.body = nn.Sequential(*units)
 
     def stages(self, x: torch.Tensor) -> list:
+        if fused_backbones.applies(self, x):  # GPU inference with the Triton kernels
+            return fused_backbones.irse_stages(self, x)
         return _stages(self, x)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ...stylegan2.generator import EqualLinear, fused, tf32_for_convolutions_only, tf32_matmuls
+from . import fused_backbones
 
 # Layers whose offsets come from the one shared hypernet: the 3x3 convs of the 512-channel resolutions (4-64 px).
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
@@ -267,6 +268,8 @@ class HyperNetwork(nn.Module):
         return shapes
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_backbones.applies(self, x):  # GPU inference with the Triton kernels
+            return fused_backbones.resnet_features(self, x)
         return _backbone(self, x)
 
     def forward(self, x: torch.Tensor) -> list:
