@@ -338,10 +338,9 @@ def build_official(off, size: int = 1024, seed: int = 0, device="cpu", calibrate
     fse.decoder = randomize_(off.stylegan.Generator(size, 512, 8), rng)
     fse.discriminator = nn.Linear(16, 1)  # stands for the training discriminator the released files carry
     fse.pool = nn.AdaptiveAvgPool2d((256, 256))
+    fse.eval().requires_grad_(False).to(device)  # first: on CUDA the official mapping network runs its CUDA op
     with torch.no_grad():
         fse.latent_avg = fse.decoder.mean_latent(1000)[0]
-    fse.eval().requires_grad_(False).to(device)
-    fse.latent_avg = fse.latent_avg.to(device)
     if calibrate:
         _calibrate_official(fse, seed)
     return fse

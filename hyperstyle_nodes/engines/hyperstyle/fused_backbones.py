@@ -25,7 +25,7 @@ RELU, PRELU = 1, 2
 
 def applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module`'s backbone takes the fused path for input x."""
-    return triton_runs(x) and not module.training and x.is_contiguous(memory_format=torch.channels_last)
+    return triton_runs(x) and not module.training
 
 
 def folded_batch_norm(bn: nn.BatchNorm2d) -> tuple:
@@ -85,6 +85,7 @@ def epilogue_reference(x, scale, shift, act: int = 0, slope=None, gate=None, res
 def resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """HyperNetwork's ResNet-34 (`hypernetwork._backbone`): stem conv -> bn -> PReLU, then torchvision's basic
     blocks, relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut), two passes after convolutions per block."""
+    x = x.contiguous(memory_format=torch.channels_last)  # cat([x, y_hat]) comes in plain layout
     x = channel_epilogue(net.conv1(x), net.bn1, act=net.relu)
     for block in net.body:
         out = channel_epilogue(block.conv1(x), block.bn1, act="relu")
@@ -99,7 +100,7 @@ def resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def irse_stages(backbone: nn.Module, x: torch.Tensor) -> list:
     """IRSEBackbone's output at the end of each stage (`encoders._stages`)."""
     conv, bn, prelu = backbone.input_layer
-    x = channel_epilogue(conv(x), bn, act=prelu)
+    x = channel_epilogue(conv(x.contiguous(memory_format=torch.channels_last)), bn, act=prelu)
     outputs = []
     for i, unit in enumerate(backbone.body):
         x = _irse_unit(unit, x)
