@@ -20,6 +20,9 @@ the first process left (a restart), for the default path (Triton kernels) and fo
     python benchmarks/bench_pipeline.py                                   # the README table (CUDA)
     python benchmarks/bench_pipeline.py --device cpu --tiny --size 64    # CPU smoke test (CI)
     python benchmarks/bench_pipeline.py --fresh-process --precisions tf32,bf16 --batches 1,8   # first calls
+
+--official DIR (a yuval-alaluf/hyperstyle checkout) also times the official code in the same run, the same way
+(official_hyperstyle.py): one "official" line per batch size and precision, and a column in --table.
 """
 from __future__ import annotations
 
@@ -374,15 +377,20 @@ def print_table(rows):
     lines = []
     if any(r["kind"] == "invert+decode" for r in rows):
         lines += ["| GPU | batch | precision | invert+decode ms/image | decode ms/image | peak alloc GiB | "
-                  "peak reserved GiB | PSNR vs fp32 dB |", "|---|---|---|---|---|---|---|---|"]
+                  "peak reserved GiB | PSNR vs fp32 dB | official ms/image | ours faster |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     decode = {(r["batch"], r["precision"]): r for r in rows if r["kind"] == "decode"}
+    official = {(r["batch"], r["precision"]): r for r in rows if r["kind"] == "official" and r.get("ms_per_image")}
     for r in rows:
         if r["kind"] != "invert+decode":
             continue
         d = decode.get((r["batch"], r["precision"]), {})
+        o = official.get((r["batch"], r["precision"]))
+        faster = f"{o['ms_per_image'] / r['ms_per_image']:.2f}x" if o else "-"
         lines.append(f"| {r['gpu']} | {r['batch']} | {r['precision']} | {r['ms_per_image']} | "
                      f"{d.get('ms_per_image')} | {r['peak_alloc_gib']} | {r['peak_reserved_gib']} | "
-                     f"{r['psnr_vs_fp32'] if r['psnr_vs_fp32'] is not None else '-'} |")
+                     f"{r['psnr_vs_fp32'] if r['psnr_vs_fp32'] is not None else '-'} | "
+                     f"{o['ms_per_image'] if o else '-'} | {faster} |")
     first = [r for r in rows if r["kind"] == "first_call" and "path" in r]
     if first:
         lines += ["| GPU | path | batch | precision | compile cache | first call s | whole process s |",
@@ -426,6 +434,11 @@ def main(argv=None):
     p.add_argument("--label", default="", help="free text added to every line")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
     p.add_argument("--table", action="store_true", help="print a markdown table at the end")
+    p.add_argument("--official", default=None, metavar="DIR",
+                   help="also time the official code from this checkout of yuval-alaluf/hyperstyle (official_hyperstyle.py)")
+    p.add_argument("--no-build-ops", dest="build_ops", action="store_false",
+                   help="official: use plain-PyTorch stand-ins for its CUDA ops without trying to build them")
+    p.add_argument("--build-timeout", type=float, default=150, help="seconds for building the official CUDA ops")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.precisions = args.precisions.split(",")
@@ -440,6 +453,9 @@ def main(argv=None):
         p.error(f"--paths: unknown {', '.join(sorted(set(args.paths) - set(PATHS)))} (use {', '.join(PATHS)})")
     if args.fresh_process or args.first_call_only:
         args.skip_bench = True
+    if args.official and args.tiny:
+        p.error("--tiny narrows only our networks; the official code runs the released widths (use --size 256 for a "
+                "smaller generator instead)")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if not args.compile:  # else HYPERSTYLE_COMPILE decides (Triton kernels unless it is 0 or 1)
         set_compile(False)
@@ -469,6 +485,11 @@ def main(argv=None):
         order = sorted(args.precisions, key=lambda p: p != "fp32")  # fp32 first: the PSNR reference
         for precision in order:
             bench_precision(master, precision, args, device, images, reference, report)
+    if args.official and not args.skip_bench:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_code, also when loaded by file path
+        import official_hyperstyle
+
+        official_hyperstyle.bench(args, device, report, images, precision_flags, sync, memory)
     if args.first_call_only:
         first_call(master, args, device, report)
     if args.profile:

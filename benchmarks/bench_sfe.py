@@ -37,12 +37,10 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,9 +62,11 @@ from hyperstyle_nodes.stylegan2.generator import Generator, GeneratorConfig  # n
 from hyperstyle_nodes.tiny import (TINY_SFE_UNITS, TINY_SFE_WIDTHS, randomize_, tiny_encoder_config,  # noqa: E402
                                    tiny_generator_config)
 from bench_pipeline import GIB, Report, memory, sync, test_images  # noqa: E402 - one report format and memory reading for both
+from official_code import build_official_ops, patched, reference_ops_module, stub  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 EDIT_DEGREE = 5.0  # the official InterFaceGAN edit: codes + degree / 2 * direction
+OFFICIAL_OPS = "models.psp.stylegan2.op"  # the official StyleGAN2 CUDA ops (fused_act, upfirdn2d)
 
 
 # ---- our model ---------------------------------------------------------------------------------------------------
@@ -126,114 +125,6 @@ class OursRunner:
 
 # ---- the official code -------------------------------------------------------------------------------------------
 
-def _reference_ops_module() -> types.ModuleType:
-    """Plain-PyTorch stand-ins for the official `models.psp.stylegan2.op` (fused_act + upfirdn2d CUDA extensions),
-    written from their definitions: fused_leaky_relu = leaky_relu(x + bias, 0.2) * sqrt(2); upfirdn2d = zero-insertion
-    upsampling, padding (negative: cropping), a true convolution with the FIR kernel, then subsampling."""
-    module = types.ModuleType("models.psp.stylegan2.op")
-
-    def fused_leaky_relu(input, bias, negative_slope=0.2, scale=2 ** 0.5):
-        shape = [1, -1] + [1] * (input.ndim - 2)
-        return F.leaky_relu(input + bias.view(shape).to(input.dtype), negative_slope) * scale
-
-    class FusedLeakyReLU(nn.Module):
-        def __init__(self, channel, negative_slope=0.2, scale=2 ** 0.5):
-            super().__init__()
-            self.bias = nn.Parameter(torch.zeros(channel))
-            self.negative_slope, self.scale = negative_slope, scale
-
-        def forward(self, input):
-            return fused_leaky_relu(input, self.bias, self.negative_slope, self.scale)
-
-    def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
-        b, c, h, w = input.shape
-        x = input.reshape(b * c, 1, h, 1, w, 1)
-        if up > 1:
-            x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
-        x = x.reshape(b * c, 1, h * up, w * up)
-        p0, p1 = pad
-        x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
-        x = x[..., max(-p0, 0):x.shape[-2] - max(-p1, 0), max(-p0, 0):x.shape[-1] - max(-p1, 0)]
-        x = F.conv2d(x, torch.flip(kernel, [0, 1])[None, None].to(x.dtype))
-        x = x[..., ::down, ::down]
-        return x.reshape(b, c, x.shape[-2], x.shape[-1])
-
-    module.fused_leaky_relu, module.FusedLeakyReLU, module.upfirdn2d = fused_leaky_relu, FusedLeakyReLU, upfirdn2d
-    return module
-
-
-def _stub(name: str, **attrs) -> None:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
-
-
-def _cuda_home():
-    """The CUDA toolkit's root (bin/nvcc and lib64/libcudart.so): torch guesses it from nvcc's folder, which for a
-    wrapper script in /usr/local/bin gives /usr/local, where the link then finds no libcudart."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-                  *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))[::-1]]
-    for home in filter(None, candidates):
-        if Path(home, "bin", "nvcc").exists() and any(Path(home).glob("lib*/libcudart.so*")):
-            return home
-    return None
-
-
-def build_official_ops(root: Path, device: torch.device, timeout: float) -> str:
-    """Build the official CUDA extensions in child processes (so a hang or a compiler error cannot take this process
-    down), within `timeout` seconds; return "cuda-ext" when they load and run, else "reference (why)"."""
-    if device.type != "cuda":
-        return "reference (not a CUDA device)"
-    missing = [tool for tool in ("nvcc", "ninja") if shutil.which(tool) is None
-               and not (tool == "nvcc" and os.environ.get("CUDA_HOME") and
-                        Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists())]
-    if missing:
-        return f"reference ({' and '.join(missing)} not found: the CUDA extensions cannot build)"
-    # pip's CUDA wheels carry headers (cusparse.h, ...) that torch's extension headers include but a bare toolkit
-    # may lack; CPATH reaches both the host compiler and nvcc without changing the build's hash
-    wheel_includes = [str(d) for d in sorted(Path(torch.__file__).resolve().parents[1].glob("nvidia/*/include"))]
-    if wheel_includes:
-        os.environ["CPATH"] = os.pathsep.join(wheel_includes + [p for p in [os.environ.get("CPATH")] if p])
-    home = _cuda_home()
-    if home:
-        os.environ["CUDA_HOME"] = home
-    env = dict(os.environ)
-    if "TORCH_CUDA_ARCH_LIST" not in env:
-        major, minor = torch.cuda.get_device_capability(device)
-        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    op_dir = root / "models" / "psp" / "stylegan2" / "op"
-    # the two extensions compile in parallel, with the official load() arguments (so the official import below
-    # finds them built); then a child imports the official op package and runs both ops
-    builds = [subprocess.Popen([sys.executable, "-c", "import sys; from torch.utils.cpp_extension import load; "
-                                f"load({name!r}, sources=[{str(op_dir / cpp)!r}, {str(op_dir / cu)!r}])"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-              for name, cpp, cu in (("fused", "fused_bias_act.cpp", "fused_bias_act_kernel.cu"),
-                                    ("upfirdn2d", "upfirdn2d.cpp", "upfirdn2d_kernel.cu"))]
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); import torch; "
-            f"import models.psp.stylegan2.op as op; x = torch.randn(2, 4, 8, 8, device='cuda'); "
-            f"op.fused_leaky_relu(x, torch.zeros(4, device='cuda')); "
-            f"op.upfirdn2d(x, torch.ones(4, 4, device='cuda'), up=2, pad=(2, 1)); torch.cuda.synchronize()")
-    start = time.perf_counter()
-    try:
-        for build in builds:
-            build.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              timeout=max(1.0, timeout - (time.perf_counter() - start)))
-    except subprocess.TimeoutExpired:
-        for build in builds:  # the compilers too: they would steal the CPU from the timing
-            if build.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(build.pid, 9)
-        return f"reference (the CUDA extensions did not build within {timeout:.0f} s)"
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"reference (the CUDA extensions failed to build or run: {tail[0][:200]})"
-    os.environ["TORCH_CUDA_ARCH_LIST"] = env["TORCH_CUDA_ARCH_LIST"]  # the same build hash: the cached build loads
-    print(f"# built the official CUDA extensions in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return "cuda-ext"
-
-
 def import_official(official_dir, device: torch.device, build_ops: bool = True,
                     build_timeout: float = 150) -> types.SimpleNamespace:
     """Import the official modules from a checkout. Training/metrics-only dependencies are stubbed (wandb, omegaconf,
@@ -243,7 +134,7 @@ def import_official(official_dir, device: torch.device, build_ops: bool = True,
     if not (root / "models" / "methods.py").is_file() or not (root / "runners" / "inference_runners.py").is_file():
         raise SystemExit(f"--official {official_dir}: not a StyleFeatureEditor checkout (no models/methods.py or "
                          f"runners/inference_runners.py); clone github.com/AIRI-Institute/StyleFeatureEditor there.")
-    ops = build_official_ops(root, device, build_timeout) if build_ops else "reference (not built: --no-build-ops)"
+    ops = build_official_ops(root, OFFICIAL_OPS, device, build_timeout) if build_ops else "reference (not built: --no-build-ops)"
     taken = [name for name in ("models", "utils", "configs", "training", "runners", "editings", "datasets", "criteria")
              if name in sys.modules and not str(getattr(sys.modules[name], "__file__", "") or
                                                  getattr(sys.modules[name], "__path__", [""])[0]).startswith(str(root))]
@@ -259,7 +150,7 @@ def import_official(official_dir, device: torch.device, build_ops: bool = True,
     with contextlib.suppress(ImportError):
         import omegaconf  # noqa: F401
     if "omegaconf" not in sys.modules:
-        _stub("omegaconf", MISSING="???")
+        stub("omegaconf", MISSING="???")
 
     class ClassRegistry:
         def __init__(self):
@@ -274,11 +165,11 @@ def import_official(official_dir, device: torch.device, build_ops: bool = True,
                 return cls
             return add
 
-    _stub("utils.class_registry", ClassRegistry=ClassRegistry)
-    _stub("runners.base_runner", BaseRunner=object)
-    _stub("metrics.metrics", metrics_registry=ClassRegistry())
+    stub("utils.class_registry", ClassRegistry=ClassRegistry)
+    stub("runners.base_runner", BaseRunner=object)
+    stub("metrics.metrics", metrics_registry=ClassRegistry())
     if ops != "cuda-ext":
-        sys.modules["models.psp.stylegan2.op"] = _reference_ops_module()
+        sys.modules[OFFICIAL_OPS] = reference_ops_module(OFFICIAL_OPS)
     elif "torch.utils.cpp_extension" in sys.modules and os.environ.get("CUDA_HOME"):
         # imported before build_official_ops chose the toolkit: the same paths as the child builds, else the
         # official import here would see a changed build file and compile again
@@ -289,16 +180,6 @@ def import_official(official_dir, device: torch.device, build_ops: bool = True,
         ("encoders", "models.psp.encoders.psp_encoders"), ("resnet", "models.psp.encoders.feature_resnet"),
         ("stylegan", "models.psp.stylegan2.model"))}
     return types.SimpleNamespace(root=root, ops=ops, **mods)
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
 
 
 @torch.no_grad()
@@ -327,7 +208,7 @@ def build_official(off, size: int = 1024, seed: int = 0, device="cpu", calibrate
     rng = torch.Generator().manual_seed(seed)
     opts = Namespace(device=str(device), checkpoint_path="", stylegan_size=size, arcface_model_path="<random>")
     arcface = off.resnet.iresnet50().state_dict()
-    with _patched(torch, "load", lambda *args, **kwargs: arcface):
+    with patched(torch, "load", lambda *args, **kwargs: arcface):
         inverter = off.encoders.Inverter(n_styles=n_styles, opts=opts)
     fse = off.methods.FSEFull.__new__(off.methods.FSEFull)
     nn.Module.__init__(fse)

@@ -316,9 +316,10 @@ def test_bench_sfe_on_cpu(tmp_path):
         assert r["finite"] and r["gpu"] == "cpu" and r["size"] == 128 and r["peak_alloc_gib"] is None
 
 
-def test_bench_sfe_reference_ops_follow_the_official_definitions():
-    """The plain-PyTorch stand-ins for the official fused_act / upfirdn2d CUDA extensions."""
-    ops = load_bench_sfe()._reference_ops_module()
+def test_official_reference_ops_follow_the_official_definitions():
+    """The plain-PyTorch stand-ins for the official fused_act / upfirdn2d CUDA extensions (HyperStyle's and SFE's)."""
+    load_bench_sfe()  # puts benchmarks/ on the path, as the benchmarks do
+    ops = load_benchmark("official_code").reference_ops_module("op")
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     bias = torch.tensor([0.5, -1.0, 2.0])
     expected = torch.where(x + bias[:, None, None] > 0, x + bias[:, None, None], 0.2 * (x + bias[:, None, None]))
@@ -345,3 +346,28 @@ def test_bench_sfe_official_needs_a_checkout(tmp_path):
         bench.main(["--device", "cpu", "--official", str(tmp_path), "--skip-bench"])
     with pytest.raises(SystemExit):  # argparse: --parity needs the official code
         bench.main(["--device", "cpu", "--parity"])
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("HYPERSTYLE_OFFICIAL_DIR"),
+                    reason="set HYPERSTYLE_OFFICIAL_DIR to a yuval-alaluf/hyperstyle checkout to time the official "
+                           "code beside ours (CPU here: a few minutes)")
+def test_bench_pipeline_times_the_official_code_beside_ours(tmp_path):
+    """--official DIR in a fresh process (the official top-level `models` package would collide with other imports):
+    its classes with random weights, its CUDA ops replaced by the stand-ins on the CPU; one "official" line per
+    batch size in fp32, an error line for bf16 (it has no half precision), and the table's speed-up column."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "official.jsonl"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_pipeline.py"), "--device", "cpu", "--size", "256",
+                           "--batches", "1", "--precisions", "fp32,bf16", "--iters", "1", "--reps", "1",
+                           "--warmup", "1", "--official", os.environ["HYPERSTYLE_OFFICIAL_DIR"], "--table",
+                           "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    official = {r["precision"]: r for r in rows if r["kind"] == "official"}
+    assert official["fp32"]["ms_per_image"] > 0 and official["fp32"]["finite"]
+    assert official["fp32"]["ops"].startswith("reference")
+    assert official["bf16"]["ms_per_image"] is None and "half-precision" in official["bf16"]["error"]
+    assert "| official ms/image | ours faster |" in done.stdout
