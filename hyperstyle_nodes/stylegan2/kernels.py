@@ -66,7 +66,7 @@ def _launch(name: str, grid: tuple, *args, **meta) -> bool:
     except Exception as err:  # noqa: BLE001 - stay correct: the PyTorch twins take over
         _STATE["failed"] = True
         warnings.warn(f"HyperStyle: the Triton kernel {name} failed ({type(err).__name__}: {str(err)[:300]}); "
-                      f"the generator runs its PyTorch steps instead (same results, slower)")
+                      f"the generator and the encoders run their PyTorch steps instead (same results, slower)")
         return False
     return True
 
