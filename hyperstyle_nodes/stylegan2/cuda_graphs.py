@@ -7,10 +7,8 @@ shapes and dtypes of their inputs and are dropped whenever the model's weights m
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import contextlib
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -69,7 +67,6 @@ class GraphCache:
         with torch.cuda.graph(graph, pool=self.pool):
             static_outputs = fn(*static_inputs)
         return graph, static_inputs, static_outputs
-
 
     def _warm_up(self, fn: Callable, inputs: Sequence[torch.Tensor]) -> None:
         """Two calls, the first under a memory cap: cuDNN chooses a convolution's plan on its first call and keeps

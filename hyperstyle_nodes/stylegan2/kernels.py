@@ -223,12 +223,15 @@ def channel_epilogue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
                      residual: Optional[torch.Tensor] = None, residual_scale: Optional[torch.Tensor] = None,
                      residual_shift: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """act((x * scale + shift) * gate + residual [* residual_scale + residual_shift]) as a new channels-last tensor
-    (`fused_backbones.channel_epilogue` is its PyTorch twin and says what each input is). act: 0 none, 1 ReLU,
-    2 PReLU(slope). None where the layouts do not fit: x must be channels-last contiguous, residual of x's shape."""
+    (`fused_backbones.epilogue_reference` is its PyTorch twin; `fused_backbones.channel_epilogue` says what each
+    input is). act: 0 none, 1 ReLU, 2 PReLU(slope). None where the layouts do not fit: x must be channels-last
+    contiguous, residual of x's shape, every offset within int32."""
     if x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or x.numel() >= 2 ** 31:
         return None
     n, c, h, w = x.shape
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or sum((size - 1) * stride for size, stride in zip(residual.shape, residual.stride()))
+                                 >= 2 ** 31):
         return None
     if gate is not None and (gate.shape != (n, c) or not gate.is_contiguous()):
         return None
