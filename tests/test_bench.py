@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from graph_replay import GraphReplay  # tests/ is on sys.path under pytest's rootdir conftest
 from hyperstyle_nodes.engines.hyperstyle.model import HyperStyleModel
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -81,44 +82,12 @@ def test_out_of_memory_halves_the_chunk_and_keeps_results(tiny_model, face_batch
     assert steps[-1][0] == steps[-1][1]  # progress ends at 100%
 
 
-class _Replay:
-    """Stands in for GraphCache on the CPU, like a graph replay: the function runs on the cache's own input tensors
-    (the caller's inputs are copied in, unless they are those tensors), and the outputs come back in the same
-    buffers every time, so that a caller keeping them would see them overwritten."""
-
-    def __init__(self):
-        self.calls, self.inputs, self.outputs = [], {}, {}
-
-    def run(self, name, fn, inputs):
-        self.calls.append(name[0] if isinstance(name, tuple) else name)
-        key = (str(name),) + tuple(tuple(t.shape) for t in inputs)
-        static = self.inputs.setdefault(key, [t.clone() for t in inputs])
-        for dst, src in zip(static, inputs):
-            if src is not dst:
-                dst.copy_(src)
-        result = fn(*static)
-        kept = self.outputs.setdefault(key, None)
-        if kept is None:
-            self.outputs[key] = result
-            return result
-        for dst, src in zip(_tensors(kept), _tensors(result)):
-            if dst is not src:
-                dst.copy_(src)  # same buffers every replay
-        return kept
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    return [t for item in x for t in _tensors(item)]
-
-
 def test_graph_path_gives_the_eager_results(tiny_model, face_batch, monkeypatch):
     """The CUDA-graph code path (zero offsets before the first pass, flattened offsets, copies of the graph's
     buffers) returns what the eager path returns; checked on the CPU with a stand-in for the graph cache."""
     eager = tiny_model.invert(face_batch, n_iters=3)
     eager_decode = tiny_model.decode(eager.codes, eager.deltas)
-    replay = _Replay()
+    replay = GraphReplay()
     monkeypatch.setattr(type(tiny_model), "_graphs", lambda self: replay)
     graphed = tiny_model.invert(face_batch, n_iters=3)
     graphed_decode = tiny_model.decode(graphed.codes, graphed.deltas)
@@ -140,7 +109,7 @@ def test_graph_path_leaves_the_starting_offsets_alone(tiny_model, face_batch, mo
     start = tiny_model.invert(face_batch, n_iters=1)
     kept = [None if d is None else d.clone() for d in start.deltas]
     eager = tiny_model.invert(face_batch, n_iters=2, codes=start.codes, deltas=start.deltas)
-    replay = _Replay()
+    replay = GraphReplay()
     monkeypatch.setattr(type(tiny_model), "_graphs", lambda self: replay)
     graphed = tiny_model.invert(face_batch, n_iters=2, codes=start.codes, deltas=start.deltas)
     assert replay.calls == ["step", "step"]
@@ -158,7 +127,7 @@ def test_starting_offsets_the_step_graph_does_not_carry_run_eagerly(tiny_model, 
     deltas[untuned] = 0.3 * torch.randn(1, c_out, c_in, k, k, generator=torch.Generator().manual_seed(0))
     codes = tiny_model.encode(face_batch)
     eager = tiny_model.invert(face_batch, n_iters=2, codes=codes, deltas=deltas)
-    replay = _Replay()
+    replay = GraphReplay()
     monkeypatch.setattr(type(tiny_model), "_graphs", lambda self: replay)
     graphed = tiny_model.invert(face_batch, n_iters=2, codes=codes, deltas=deltas)
     assert replay.calls == []

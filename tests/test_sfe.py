@@ -165,6 +165,66 @@ def test_decode_is_the_official_formula(sfe, inversion):
     torch.testing.assert_close(sweep[1], expected[0], rtol=0, atol=1e-6)
 
 
+def test_graph_path_gives_the_eager_results(sfe, images, inversion, monkeypatch):
+    """On a GPU, inversion and decodes replay CUDA graphs whose outputs the next replay overwrites; checked on the
+    CPU with a stand-in for the graph cache: same results as the eager path, and results already returned keep
+    their values when the same graph runs again."""
+    from graph_replay import GraphReplay
+
+    direction = torch.randn(1, sfe.n_styles, 64, generator=torch.Generator().manual_seed(2))
+    eager_edit = sfe.decode(inversion, inversion.codes + direction)
+    replay = GraphReplay()
+    monkeypatch.setattr(type(sfe), "_graphs", lambda self: replay)
+    graphed = sfe.invert(images)
+    edited = sfe.decode(graphed, graphed.codes + direction)
+    reconstruction = sfe.decode(graphed)
+    assert replay.calls == ["invert", "edit", "reconstruct"]
+    for field in ("codes", "e4e_codes", "features", "images"):
+        torch.testing.assert_close(getattr(graphed, field), getattr(inversion, field), rtol=0, atol=1e-6)
+    torch.testing.assert_close(edited, eager_edit, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reconstruction, inversion.images, rtol=0, atol=1e-6)
+    kept = edited.clone(), graphed.images.clone(), graphed.codes.clone()
+    other = sfe.invert(images.flip(0))  # the same graphs again, other inputs
+    sfe.decode(other, other.codes - direction)
+    assert replay.calls[-2:] == ["invert", "edit"]
+    assert not torch.equal(other.images, graphed.images)
+    for before, now in zip(kept, (edited, graphed.images, graphed.codes)):
+        assert torch.equal(before, now)
+
+
+
+@torch.no_grad()
+def test_graph_path_of_an_inverter_only_model(sfe_files, images, monkeypatch):
+    """No e4e: the invert graph's outputs carry a None, which must come back as None."""
+    from graph_replay import GraphReplay
+
+    model = load_sfe(sfe_files["sfe_inverter"], e4e=None, generator=sfe_files["generator"])
+    eager = model.invert(images)
+    monkeypatch.setattr(type(model), "_graphs", lambda self: GraphReplay())
+    graphed = model.invert(images)
+    assert graphed.e4e_codes is None
+    torch.testing.assert_close(graphed.images, eager.images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.decode(graphed), eager.images, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: graphs are recorded only there")
+@torch.no_grad()
+def test_cuda_graphs_give_the_eager_results_on_the_gpu(sfe_files, images):
+    model = load_sfe(sfe_files["sfe_editor"], e4e=sfe_files["e4e"], generator=sfe_files["generator"], device="cuda")
+    direction = torch.randn(1, model.n_styles, 64, generator=torch.Generator().manual_seed(2)).cuda()
+    model.cuda_graphs = False
+    eager = model.invert(images)
+    eager_edit = model.decode(eager, eager.codes + direction)
+    model.cuda_graphs = True
+    for _ in range(2):  # recorded, then replayed
+        graphed = model.invert(images)
+        edited = model.decode(graphed, graphed.codes + direction)
+    assert model._graph_cache is not None and len(model._graph_cache.graphs) == 2
+    for field in ("codes", "e4e_codes", "features", "images"):
+        torch.testing.assert_close(getattr(graphed, field), getattr(eager, field), rtol=0, atol=1e-4)
+    torch.testing.assert_close(edited, eager_edit, rtol=0, atol=1e-4)
+
+
 @torch.no_grad()
 def test_inverter_only_file_inverts_and_refuses_edits(sfe_files, images):
     model = load_sfe(sfe_files["sfe_inverter"], e4e=None, generator=sfe_files["generator"])

@@ -17,6 +17,16 @@ def broadcast_batch(t: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
     return None
 
 
+def generator_bytes_per_image(generator) -> int:
+    """Rough peak memory of one image's generator pass: a few of its largest activations and the per-sample
+    weights (fp32). Engines add their encoders' share; the sum sizes chunks and first-call memory caps."""
+    size = torch.finfo(generator.input.input.dtype).bits // 8
+    config = generator.config
+    largest = max(c * (4 << i) ** 2 for i, c in enumerate(config.channels))
+    weights = sum(k * k * c_in * c_out for k, c_in, c_out in config.layer_shapes)
+    return 5 * largest * size + 3 * 4 * weights
+
+
 class GeneratorModel:
     """Mixin for an nn.Module with a `generator` (stylegan2.Generator) and a `latent_avg` buffer."""
 

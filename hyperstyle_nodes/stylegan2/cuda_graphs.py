@@ -115,6 +115,42 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return _WARMUP_STREAMS[device]
 
 
+class GraphedInference:
+    """Mixin for an engine's nn.Module whose inference replays CUDA graphs: one `GraphCache`, made on demand and
+    dropped whenever the weights move or are replaced (recorded graphs point at their addresses). The module calls
+    `_init_graphs()` in its __init__ and defines `_warmup_budget(batch)` (see GraphCache)."""
+
+    def _init_graphs(self) -> None:
+        self.cuda_graphs = True  # replay recorded CUDA graphs at inference; False: always run eagerly
+        self._graph_cache: Optional[GraphCache] = None
+        self._graph_weights: tuple = ()
+        self._weights_watch = WeightsWatch()
+
+    def _graphs(self) -> Optional[GraphCache]:
+        """The model's graph cache, or None where graphs do not apply (CPU, autograd, training, turned off)."""
+        if not (self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled()
+                and not self.training):
+            return None
+        signature = self._weights_watch.signature(self)
+        if self._graph_cache is None or signature != self._graph_weights:
+            self._graph_cache, self._graph_weights = GraphCache(self.device, self._warmup_budget), signature
+        return self._graph_cache
+
+    def _forget_graphs(self) -> None:
+        """Drops the recorded graphs and, with them, their memory pool."""
+        self._graph_cache, self._graph_weights = None, ()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._forget_graphs()  # moved or cast weights: recorded graphs are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        """Copies and pickles get no recorded graphs (they point at the original's weights)."""
+        state = self.__dict__.copy()
+        state.update(_graph_cache=None, _graph_weights=(), _weights_watch=WeightsWatch())
+        return state
+
+
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Addresses of every parameter and buffer: a recorded graph is valid only while they are unchanged."""
     return tuple(t.data_ptr() for t in module.parameters()) + tuple(t.data_ptr() for t in module.buffers())

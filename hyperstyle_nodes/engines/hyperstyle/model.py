@@ -23,8 +23,8 @@ from torch import nn
 
 from ...loaders import checkpoints as ckpts
 from ... import image_checks
-from ..common import GeneratorModel, broadcast_batch
-from ...stylegan2.cuda_graphs import GraphCache, WeightsWatch
+from ..common import GeneratorModel, broadcast_batch, generator_bytes_per_image
+from ...stylegan2.cuda_graphs import GraphedInference
 from .encoders import build_encoder
 from .hypernetwork import HyperNetwork
 from ...stylegan2.generator import Generator
@@ -72,7 +72,7 @@ def slice_deltas(deltas: Optional[Deltas], start: int, end: int) -> Optional[Del
     return [None if d is None else (d if d.shape[0] == 1 else d[start:end]) for d in deltas]
 
 
-class HyperStyleModel(GeneratorModel, nn.Module):
+class HyperStyleModel(GeneratorModel, GraphedInference, nn.Module):
     def __init__(self, generator: Generator, hypernet: HyperNetwork, latent_avg: torch.Tensor,
                  encoder: Optional[nn.Module] = None, encoder_latent_avg: Optional[torch.Tensor] = None,
                  name: str = "hyperstyle"):
@@ -87,10 +87,7 @@ class HyperStyleModel(GeneratorModel, nn.Module):
         # the generator's weights fingerprint (checkpoints.weights_signature): codes and offsets fit only it
         self.generator_signature = ""
         self._chunk_limit: Optional[int] = None  # largest chunk known to fit, after an out-of-memory retry
-        self.cuda_graphs = True  # replay recorded CUDA graphs at inference (see cuda_graphs.py)
-        self._graph_cache: Optional[GraphCache] = None
-        self._graph_weights: tuple = ()
-        self._weights_watch = WeightsWatch()
+        self._init_graphs()  # CUDA graphs at GPU inference (cuda_graphs.py)
 
     # ---- properties --------------------------------------------------------------------------------------------
     # resolution, n_styles, device, dtype: GeneratorModel
@@ -277,17 +274,7 @@ class HyperStyleModel(GeneratorModel, nn.Module):
             deltas = [None] * self.generator.n_layers
         return Inversion(codes=codes, deltas=deltas, images=to_unit_range(y), steps=steps)
 
-    # ---- CUDA graphs (inference on a GPU) ----------------------------------------------------------------------
-    def _graphs(self) -> Optional[GraphCache]:
-        """The model's graph cache, or None where graphs do not apply (CPU, autograd, training, turned off)."""
-        if not (self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled()
-                and not self.training):
-            return None
-        signature = self._weights_watch.signature(self)
-        if self._graph_cache is None or signature != self._graph_weights:
-            self._graph_cache, self._graph_weights = GraphCache(self.device, self._warmup_budget), signature
-        return self._graph_cache
-
+    # ---- CUDA graphs (inference on a GPU; the cache itself: GraphedInference) ---------------------------------
     def _graphable_offsets(self, deltas: Deltas, batch: int) -> bool:
         """Offsets only on tuned layers, each in the shape the hypernetwork gives (or broadcastable from batch 1)."""
         shapes = self.hypernet.offset_shapes(batch)
@@ -334,19 +321,6 @@ class HyperStyleModel(GeneratorModel, nn.Module):
         self._forget_graphs()
         return self
 
-    def _apply(self, fn, *args, **kwargs):
-        self._forget_graphs()  # moved or cast weights: recorded graphs are stale
-        return super()._apply(fn, *args, **kwargs)
-
-    def _forget_graphs(self) -> None:
-        self._graph_cache, self._graph_weights = None, ()
-
-    def __getstate__(self):
-        """Copies and pickles get no recorded graphs (they point at the original's weights)."""
-        state = self.__dict__.copy()
-        state.update(_graph_cache=None, _graph_weights=(), _weights_watch=WeightsWatch())
-        return state
-
     # ---- large batches -----------------------------------------------------------------------------------------
     def _in_chunks(self, batch: int, max_batch: Optional[int], run: Callable, per_image: int, gather) -> list:
         """run(start, end, chunk_index, n_chunks) over chunks of the batch, halving a chunk that runs out of memory."""
@@ -362,7 +336,7 @@ class HyperStyleModel(GeneratorModel, nn.Module):
             except torch.cuda.OutOfMemoryError:
                 if end - start == 1:
                     raise
-                self._graph_cache = None  # recorded graphs hold their memory pool; free it before retrying
+                self._forget_graphs()  # recorded graphs hold their memory pool; free it before retrying
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 size = (end - start) // 2
@@ -393,9 +367,7 @@ class HyperStyleModel(GeneratorModel, nn.Module):
         """Rough peak memory per image: a few of the largest activations, per-sample weights (fp32) and offsets."""
         size = torch.finfo(self.dtype).bits // 8
         config = self.generator.config
-        largest = max(c * (4 << i) ** 2 for i, c in enumerate(config.channels))
-        weights = sum(k * k * c_in * c_out for k, c_in, c_out in config.layer_shapes)
-        estimate = 5 * largest * size + 3 * 4 * weights
+        estimate = generator_bytes_per_image(self.generator)
         if inverting:
             offsets = sum(k * k * c_in * c_out for layer, (k, c_in, c_out) in enumerate(config.layer_shapes)
                           if self.hypernet.refinement_blocks[layer] is not None)

@@ -13,21 +13,23 @@ All of it runs on the pack's one StyleGAN2 (`Generator.feature`, `new_features`)
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ... import image_checks
-from ..common import GeneratorModel, broadcast_batch
+from ..common import GeneratorModel, broadcast_batch, generator_bytes_per_image
 from ..hyperstyle.encoders import build_encoder
 from ..hyperstyle.model import build_generator, to_unit_range
 from .feature_editor import FeatureStack
 from .inverter import Inverter
 from ...loaders import checkpoints as ckpts
+from ...stylegan2.cuda_graphs import GraphedInference
 from ...stylegan2.generator import Generator
 
 FEATURE_INDEX = 9  # official `w_feats[9]`: the 64-px conv's output
@@ -46,7 +48,7 @@ class SFEInversion:
     images: Optional[torch.Tensor] = None  # [B, 3, R, R] in [0, 1], the reconstruction
 
 
-class SFEModel(GeneratorModel, nn.Module):
+class SFEModel(GeneratorModel, GraphedInference, nn.Module):
     def __init__(self, generator: Generator, inverter: Inverter, latent_avg: torch.Tensor,
                  e4e: Optional[nn.Module] = None, feature_editor: Optional[FeatureStack] = None, name: str = "sfe"):
         super().__init__()
@@ -59,6 +61,7 @@ class SFEModel(GeneratorModel, nn.Module):
         self.feature_layer = FEATURE_INDEX
         self.name = name
         self.generator_signature = ""  # checkpoints.weights_signature of the generator: inversions fit only it
+        self._init_graphs()  # CUDA graphs at GPU inference (cuda_graphs.py)
 
     # ---- properties --------------------------------------------------------------------------------------------
     # resolution, n_styles, device, dtype: GeneratorModel
@@ -82,15 +85,9 @@ class SFEModel(GeneratorModel, nn.Module):
         """Invert face-aligned images [B, 3, H, W] in [0, 1] (or uint8). reconstruct: also decode the
         reconstruction (`images`), which is what `decode(inversion)` returns."""
         x = self.preprocess(images)
-        codes, predicted = self.inverter.fs_backbone(x)
-        codes = codes + self.latent_avg.to(codes.dtype)
-        own = self.generator.feature(codes, FEATURE_INDEX)
-        fused = self.inverter.fuser(torch.cat([predicted, own.to(predicted.dtype)], dim=1))
-        e4e_codes = None if self.e4e is None else self.e4e(x) + self.latent_avg.to(x.dtype)
-        inversion = SFEInversion(codes=codes, e4e_codes=e4e_codes, features=fused)
-        if reconstruct:
-            inversion.images = self.decode(inversion)
-        return inversion
+        codes, e4e_codes, fused, reconstruction = self._replayed(
+            ("invert", reconstruct), functools.partial(self._invert_normalized, reconstruct=reconstruct), [x])
+        return SFEInversion(codes=codes, e4e_codes=e4e_codes, features=fused, images=reconstruction)
 
     @torch.no_grad()
     def decode(self, inversion: SFEInversion, codes: Optional[torch.Tensor] = None,
@@ -102,14 +99,16 @@ class SFEModel(GeneratorModel, nn.Module):
         if codes is None:
             if e4e_codes is not None:
                 raise SFEEditError("e4e_codes without codes: pass the edited inverter codes too (the same edit)")
-            return self._decode(inversion, self._styles(inversion.codes, "the inversion's codes"), None)
+            codes = self._checked_codes(inversion.codes, "the inversion's codes")
+            return self._replayed("reconstruct", self._reconstruct, [codes, self._features(inversion, codes)])
         codes = self._checked_codes(codes, "codes")
         self.require_editing(inversion)
+        batch = codes.shape[0]
+        reference = self._batched(inversion.e4e_codes, batch).to(self.device, self.dtype)
         if e4e_codes is None:
-            batch = codes.shape[0]
-            e4e_codes = (self._batched(inversion.e4e_codes, batch).to(self.device, self.dtype)
-                         + (codes - self._batched(inversion.codes, batch).to(self.device, self.dtype)))
-        return self._decode(inversion, self._styles(codes, "codes"), self._styles(e4e_codes, "e4e_codes"))
+            e4e_codes = reference + (codes - self._batched(inversion.codes, batch).to(self.device, self.dtype))
+        e4e_codes = self._checked_codes(e4e_codes, "e4e_codes")
+        return self._replayed("edit", self._edit, [codes, e4e_codes, reference, self._features(inversion, codes)])
 
     @torch.no_grad()
     def decode_styles(self, inversion: SFEInversion, styles: Sequence[torch.Tensor],
@@ -119,29 +118,62 @@ class SFEModel(GeneratorModel, nn.Module):
         self.generator.check_styles(styles)
         self.generator.check_styles(e4e_styles)
         self.require_editing(inversion)
-        return self._decode(inversion, [s.to(self.device, self.dtype) for s in styles],
-                            [s.to(self.device, self.dtype) for s in e4e_styles])
+        styles = [s.to(self.device, self.dtype) for s in styles]
+        reference = self._batched(inversion.e4e_codes, styles[0].shape[0]).to(self.device, self.dtype)
+        return self._image(self._features(inversion, styles[0]), styles, self.generator.styles(reference),
+                           [s.to(self.device, self.dtype) for s in e4e_styles])
 
-    # ---- steps -------------------------------------------------------------------------------------------------
-    def _decode(self, inversion: SFEInversion, styles: list, e4e_styles: Optional[list]) -> torch.Tensor:
+    # ---- steps (each a pure function of tensors: what a CUDA graph records) -------------------------------------
+    def _invert_normalized(self, x: torch.Tensor, reconstruct: bool) -> tuple:
+        """x at 256 px in [-1, 1] -> (codes, e4e codes or None, fused feature, reconstruction or None)."""
+        codes, predicted = self.inverter.fs_backbone(x)
+        codes = codes + self.latent_avg.to(codes.dtype)
+        own = self.generator.feature(codes, FEATURE_INDEX)
+        fused = self.inverter.fuser(torch.cat([predicted, own.to(predicted.dtype)], dim=1))
+        e4e_codes = None if self.e4e is None else self.e4e(x) + self.latent_avg.to(x.dtype)
+        return codes, e4e_codes, fused, self._reconstruct(codes, fused) if reconstruct else None
+
+    def _reconstruct(self, codes: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        return self._image(fused, self.generator.styles(codes), None, None)
+
+    def _edit(self, codes, e4e_codes, reference, fused) -> torch.Tensor:
+        styles = self.generator.styles
+        return self._image(fused, styles(codes), styles(reference), styles(e4e_codes))
+
+    def _image(self, fused: torch.Tensor, styles: list, reference_styles: Optional[list],
+               e4e_styles: Optional[list]) -> torch.Tensor:
         """The image for `styles` with feature 9 replaced: the fused feature edited by the feature editor for the
-        move from the inversion's e4e codes to `e4e_styles` (None: no move, delta 0)."""
-        batch = styles[0].shape[0]
-        fused = self._batched(inversion.features, batch).to(self.device, self.dtype)
+        move from `reference_styles` (the inversion's e4e codes) to `e4e_styles` (None: no move, delta 0)."""
         if self.feature_editor is None:  # inverter-only: the official FSEInverter decodes with the fused feature
             feature = fused
         else:
             if e4e_styles is None:
                 delta = torch.zeros_like(fused)
             else:
-                reference = self.generator.styles(self._batched(inversion.e4e_codes, batch).to(self.device, self.dtype))
-                delta = (self.generator.synthesis_feature(reference, FEATURE_INDEX)
+                delta = (self.generator.synthesis_feature(reference_styles, FEATURE_INDEX)
                          - self.generator.synthesis_feature(e4e_styles, FEATURE_INDEX))
             feature = self.feature_editor(torch.cat([fused, delta.to(fused.dtype)], dim=1))
         return to_unit_range(self.generator.synthesis(styles, new_features={FEATURE_INDEX: feature}))
 
-    def _styles(self, codes: torch.Tensor, what: str) -> list:
-        return self.generator.styles(self._checked_codes(codes, what))
+    def _replayed(self, name, fn: Callable, inputs: list):
+        """fn(*inputs), through a recorded CUDA graph on a GPU (copies of its outputs: the next replay overwrites
+        them), else directly."""
+        graphs = self._graphs()
+        if graphs is None:
+            return fn(*inputs)
+        outputs = graphs.run(name, fn, inputs)
+        if isinstance(outputs, torch.Tensor):
+            return outputs.clone()
+        return tuple(None if t is None else t.clone() for t in outputs)
+
+    def _features(self, inversion: SFEInversion, like: torch.Tensor) -> torch.Tensor:
+        return self._batched(inversion.features, like.shape[0]).to(self.device, self.dtype)
+
+    def _warmup_budget(self, batch: int) -> int:
+        """What a first call may add to the memory in use (`GraphCache`): about 1.5x an inversion's working set
+        (the generator pass and the three 256-px backbones), at least 1 GiB."""
+        size = torch.finfo(self.dtype).bits // 8
+        return max(1 << 30, batch * (generator_bytes_per_image(self.generator) + 3 * 64 * 128 * 128 * size * 8))
 
     def require_editing(self, inversion: Optional[SFEInversion] = None) -> None:
         """Raises SFEEditError, saying what to load, unless this model (and the inversion, if given) can edit."""
