@@ -95,7 +95,7 @@ def build_ours(size: int, tiny: bool, seed: int = 0) -> SFEModel:
     e4e = randomize_(build_encoder(enc_config), rng).eval()
     with torch.no_grad():
         latent_avg = generator.mean_latent(1000)[0]
-    return SFEModel(generator, inverter, latent_avg, e4e, editor).eval()
+    return SFEModel(generator, inverter, latent_avg, e4e, editor).eval().channels_last_()  # as load_sfe
 
 
 def edit_direction(style_dim: int, seed: int = 7) -> torch.Tensor:

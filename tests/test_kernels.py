@@ -209,3 +209,64 @@ def test_backbones_on_triton_kernels_match_the_modules(dtype, monkeypatch):
         else:
             err = (got.float() - ref).pow(2).mean().sqrt().item()
             assert err <= 1.5 * (plain.float() - ref).pow(2).mean().sqrt().item() + 1e-3
+
+
+def tiny_sfe_networks(device, dtype):
+    """SFE's tiny inverter (IResNet blocks with and without projection, the content layer, the fuser) and a feature
+    editor, channels-last as load_sfe keeps them, with inputs for each."""
+    from hyperstyle_nodes.engines.sfe.feature_editor import FeatureStack, FeatureStackConfig
+    from hyperstyle_nodes.engines.sfe.inverter import Inverter, InverterConfig
+    from hyperstyle_nodes.tiny import TINY_SFE_UNITS, TINY_SFE_WIDTHS
+
+    rng = torch.Generator().manual_seed(4)
+    inverter = Inverter(InverterConfig(n_styles=6, style_dim=16, widths=TINY_SFE_WIDTHS, units=TINY_SFE_UNITS,
+                                       content_channels=12, fuser=FeatureStackConfig(24, 12, blocks=2)))
+    editor = FeatureStack(FeatureStackConfig(24, 12, blocks=3))
+    nets = [randomize_(net, rng).eval().to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+            for net in (inverter, editor)]
+    inputs = [torch.randn(2, c, s, s, generator=rng).to(device=device, dtype=dtype) for c, s in ((3, 64), (24, 16))]
+    return nets, inputs
+
+
+def sfe_outputs(inverter, editor, x, features):
+    with torch.no_grad():
+        codes, content = inverter.fs_backbone(x)
+        return [codes, content, inverter.fuser(features), editor(features)]
+
+
+def test_fused_sfe_networks_give_the_modules_numbers_on_the_cpu(monkeypatch):
+    """SFE's inverter and feature stacks on the GPU inference path (here with the kernel's PyTorch twin) against
+    the modules' own forward."""
+    from hyperstyle_nodes.engines.hyperstyle import fused_backbones
+
+    (inverter, editor), (x, features) = tiny_sfe_networks("cpu", torch.float32)
+    plain = sfe_outputs(inverter, editor, x, features)
+    taken = []
+    monkeypatch.setattr(fused_backbones, "applies", lambda module, t: taken.append(type(module).__name__) or True)
+    fused = sfe_outputs(inverter, editor, x, features)
+    assert {"FSBackbone", "ImprovedBasicBlock", "FeatureStack"} <= set(taken)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with Triton (CI runs the PyTorch path on the CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sfe_networks_on_triton_kernels_match_the_modules(dtype, monkeypatch):
+    """The default GPU path (Triton epilogue) against the modules' forward (HYPERSTYLE_COMPILE=0), as for
+    HyperStyle's backbones: fp32 in strict fp32, bf16 held to fp32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    (inverter, editor), (x, features) = tiny_sfe_networks("cuda", torch.float32)
+    monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES["torch"]))
+    reference = sfe_outputs(inverter, editor, x, features)
+    inverter, editor, x, features = (t.to(dtype) for t in (inverter, editor, x, features))
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
+        results[mode] = sfe_outputs(inverter, editor, x, features)
+    assert kernels.available()
+    for got, plain, ref in zip(results["triton"], results["torch"], reference):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+        else:
+            err = (got.float() - ref).pow(2).mean().sqrt().item()
+            assert err <= 1.5 * (plain.float() - ref).pow(2).mean().sqrt().item() + 1e-3

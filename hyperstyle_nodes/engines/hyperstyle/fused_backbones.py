@@ -1,4 +1,5 @@
 """The encoders' backbones at GPU inference, with each convolution's batch norm, activation and residual in one pass.
+Both engines' backbones: HyperStyle's ResNet-34 and IR-SE-50 here, SFE's IResNet-50 blocks and feature stacks too.
 
 The hypernetwork's ResNet-34 (five passes per inversion) and IR-SE-50 (the W-encoder, e4e) spent a third of their
 GPU time outside convolutions: cuDNN's batch norm, ReLU/PReLU, the squeeze-and-excitation product, the residual
@@ -126,3 +127,41 @@ def _irse_unit(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         residual, residual_bn = shortcut[0](x), shortcut[1]
     return channel_epilogue(y, bn_out, gate=gate.contiguous(), residual=residual, residual_bn=residual_bn)
+
+
+# ---- StyleFeatureEditor's backbones (engines/sfe) ----------------------------------------------------------------
+
+def stem(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """conv -> batch norm -> PReLU."""
+    conv, bn, prelu = layers
+    return channel_epilogue(conv(x.contiguous(memory_format=torch.channels_last)), bn, act=prelu)
+
+
+def improved_basic_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ArcFace's IBasicBlock (`sfe.inverter.ImprovedBasicBlock`): bn3(conv2(prelu(bn2(conv1(bn1(x)))))) + shortcut,
+    the shortcut's batch norm and the addition in the last pass."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = channel_epilogue(block.conv1(channel_epilogue(x, block.bn1)), block.bn2, act=block.prelu)
+    if block.downsample is not None:
+        residual, residual_bn = block.downsample[0](x), block.downsample[1]
+    else:
+        residual, residual_bn = x, None
+    return channel_epilogue(block.conv2(out), block.bn3, residual=residual, residual_bn=residual_bn)
+
+
+def pre_activated_pair(layers: nn.Sequential, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    """BN -> conv3x3 -> BN -> PReLU -> conv3x3 -> BN (+ residual): SFE's content layer and each residual block of its
+    feature stacks."""
+    bn_in, conv1, bn_mid, prelu, conv2, bn_out = layers
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = channel_epilogue(conv1(channel_epilogue(x, bn_in)), bn_mid, act=prelu)
+    return channel_epilogue(conv2(out), bn_out, residual=residual)
+
+
+def feature_stack(stack: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`sfe.feature_editor.FeatureStack`: conv1x1, then x = x + block(x) per block, the addition in the block's
+    last pass."""
+    x = stack.conv(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
+    for block in stack.body:
+        x = pre_activated_pair(block.body, x, residual=x)
+    return x

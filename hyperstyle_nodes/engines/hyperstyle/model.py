@@ -312,14 +312,9 @@ class HyperStyleModel(GeneratorModel, GraphedInference, nn.Module):
         _, y = self.refine_step(x, y_hat, codes, deltas, in_place=True)
         return list(flat), y, pool_to(y)
 
-    def channels_last_(self) -> "HyperStyleModel":
-        """Channels-last convolution weights in the encoder and hypernetwork: the layout cuDNN's fastest kernels use
-        (the generator packs its activations the same way). Same results."""
-        for part in (self.hypernet, self.encoder):
-            if part is not None:
-                part.to(memory_format=torch.channels_last)
-        self._forget_graphs()
-        return self
+    def encoder_parts(self) -> tuple:
+        """The convolutional networks besides the generator (`channels_last_`)."""
+        return self.hypernet, self.encoder
 
     # ---- large batches -----------------------------------------------------------------------------------------
     def _in_chunks(self, batch: int, max_batch: Optional[int], run: Callable, per_image: int, gather) -> list:

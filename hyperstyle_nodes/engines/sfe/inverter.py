@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..hyperstyle import fused_backbones
 from .feature_editor import FeatureStack, FeatureStackConfig
 
 STAGE_STRIDES = (2, 2, 1, 2)  # IResNet's are all 2; SFE keeps block_3 at the input's resolution / 4
@@ -54,6 +55,8 @@ class ImprovedBasicBlock(nn.Module):
                                          nn.BatchNorm2d(channels)) if project else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_backbones.applies(self, x):  # GPU inference with the Triton kernels
+            return fused_backbones.improved_basic_block(self, x)
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         return out + (x if self.downsample is None else self.downsample(x))
 
@@ -80,13 +83,14 @@ class FSBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple:
         """[B, 3, 256, 256] in [-1, 1] -> (codes [B, n_styles, style_dim] without latent_avg, feature [B, C, 64, 64])."""
-        x = self.block_1(self.conv(x))
+        fused = fused_backbones.applies(self, x)  # GPU inference with the Triton kernels
+        x = self.block_1(fused_backbones.stem(self.conv, x) if fused else self.conv(x))
         pooled = [self.avg_pool(x)]
         x = self.block_2(x)
         pooled.append(self.avg_pool(x))
         x = self.block_3(x)
         pooled.append(self.avg_pool(x))
-        content = self.content_layer(x)
+        content = fused_backbones.pre_activated_pair(self.content_layer, x) if fused else self.content_layer(x)
         x = self.block_4(x)
         pooled.append(self.avg_pool(x))
         flat = torch.cat(pooled, dim=1).flatten(1)

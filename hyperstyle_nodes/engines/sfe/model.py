@@ -175,6 +175,10 @@ class SFEModel(GeneratorModel, GraphedInference, nn.Module):
         size = torch.finfo(self.dtype).bits // 8
         return max(1 << 30, batch * (generator_bytes_per_image(self.generator) + 3 * 64 * 128 * 128 * size * 8))
 
+    def encoder_parts(self) -> tuple:
+        """The convolutional networks besides the generator (`channels_last_`)."""
+        return self.inverter, self.feature_editor, self.e4e
+
     def require_editing(self, inversion: Optional[SFEInversion] = None) -> None:
         """Raises SFEEditError, saying what to load, unless this model (and the inversion, if given) can edit."""
         if self.feature_editor is None:
@@ -253,7 +257,7 @@ def load_sfe(editor, *, e4e, generator, device="cpu", dtype=torch.float32) -> SF
         latent_avg = gen.mean_latent(10000)[0]
     model = SFEModel(gen, inverter, latent_avg, encoder, feature_editor, name=Path(editor).name)
     model.generator_signature = ckpts.weights_signature(gen_ckpt.parts["decoder"])
-    return model.eval().to(device=device, dtype=dtype)
+    return model.eval().to(device=device, dtype=dtype).channels_last_()
 
 
 def _check_widths(main: ckpts.Checkpoint, gen: Generator, inverter: Inverter) -> None:
