@@ -418,13 +418,27 @@ def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.
         pass
     elif on_gpu(y) and _styled_activation_into.compiles():
         _styled_activation_into(out, y, noise, noise_weight, bias)
-    else:  # eager: in place, four passes and no temporaries the size of the activations
-        shape = (1, -1) + (1,) * (y.ndim - 2)
-        torch.add(y, noise_weight.to(y.dtype) * noise.to(y.dtype), out=out)
-        out.add_(bias.view(shape).to(out.dtype))
+    else:
+        # eager: two passes over the activations. leaky_relu(z) * gain == leaky_relu(z * gain) for gain > 0, so the
+        # gain is applied before the activation: out = gain * y + gain * (noise_weight * noise + bias), where the
+        # second term (per pixel and channel, shared by the batch) is written once, laid out like `out`. Against
+        # four in-place passes (H100, without Triton, invert(5) + decode): tf32 32.8 -> 27.7 ms/image at batch 8,
+        # 51.3 -> 49.0 at batch 1; bf16 22.2 -> 18.2 and 36.6 -> 34.9
+        term = noise_and_bias_term(noise, noise_weight, bias, out, ACTIVATION_GAIN)
+        torch.add(term, y, alpha=ACTIVATION_GAIN, out=out)
         F.leaky_relu_(out, LEAKY_SLOPE)
-        out.mul_(ACTIVATION_GAIN)
     return out
+
+
+def noise_and_bias_term(noise: torch.Tensor, noise_weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor,
+                        gain: float) -> torch.Tensor:
+    """gain * (noise_weight * noise + bias) broadcast to [N, C, *like.shape[2:]] (N: the noise's batch, 1 for the
+    stored maps), channels innermost in memory like the packed activations, so that a batch reads it in order."""
+    n, c = noise.shape[0], like.shape[1]
+    term = torch.empty(n, *like.shape[2:], c, dtype=like.dtype, device=like.device).movedim(-1, 1)
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    scaled_bias = bias.view(shape).to(like.dtype) * gain
+    return torch.addcmul(scaled_bias, noise.to(like.dtype), noise_weight.to(like.dtype) * gain, out=term)
 
 
 def _modulated(weight: torch.Tensor, scale: float, style: torch.Tensor, delta: Optional[torch.Tensor],
@@ -575,10 +589,10 @@ def transposed_taps(weight: torch.Tensor, scale: float, style: torch.Tensor, del
     blocks = [torch.stack([torch.stack([zero if r is None or s is None else w[:, :, r, s] for s in col_taps], dim=2)
                            for r in row_taps], dim=2)
               for row_taps in TRANSPOSED_TAPS for col_taps in TRANSPOSED_TAPS]  # each [B, O, 2, 2, C]
-    kernels = torch.cat(blocks, dim=1)
-    batch, n_out, kh, kw, c = kernels.shape
+    phase_kernels = torch.cat(blocks, dim=1)  # (not `kernels`: that would hide the module above)
+    batch, n_out, kh, kw, c = phase_kernels.shape
     out = channels_last_weight((batch, n_out, c, kh, kw), w.device, dtype)
-    out.permute(0, 1, 3, 4, 2).copy_(kernels)
+    out.permute(0, 1, 3, 4, 2).copy_(phase_kernels)
     return out
 
 
