@@ -151,6 +151,39 @@ class GraphedInference:
         return state
 
 
+_BRANCH_STREAMS: dict = {}
+
+
+class Fork:
+    """Independent work on a second CUDA stream, concurrent with the current stream's: at batch 1 one network
+    leaves most of the GPU idle, so two can share it. `run` enqueues on the branch, `join` makes the current stream
+    wait for it (always call it before using the results). Inside a CUDA-graph recording this is a fork and join of
+    the captured stream, which the graph keeps. One branch stream per device, reused (cuBLAS keeps a workspace per
+    stream: see `warmup_stream`)."""
+
+    def __init__(self, device: torch.device):
+        if device not in _BRANCH_STREAMS:
+            _BRANCH_STREAMS[device] = torch.cuda.Stream(device)
+        self.main = torch.cuda.current_stream(device)
+        self.branch = _BRANCH_STREAMS[device]
+        self.branch.wait_stream(self.main)  # the branch sees the inputs the main stream has written
+
+    def run(self, fn: Callable, *args):
+        with torch.cuda.stream(self.branch):
+            return fn(*args)
+
+    def join(self, *outputs: Optional[torch.Tensor]) -> None:
+        self.main.wait_stream(self.branch)
+        for t in outputs:
+            if t is not None:  # made on the branch, used and freed on the main stream
+                t.record_stream(self.main)
+
+
+def fork(t: torch.Tensor) -> Optional[Fork]:
+    """A `Fork` on t's CUDA device, or None elsewhere (run the work in turn)."""
+    return Fork(t.device) if t.is_cuda else None
+
+
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Addresses of every parameter and buffer: a recorded graph is valid only while they are unchanged."""
     return tuple(t.data_ptr() for t in module.parameters()) + tuple(t.data_ptr() for t in module.buffers())

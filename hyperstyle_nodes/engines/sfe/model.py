@@ -29,7 +29,7 @@ from ..hyperstyle.model import build_generator, to_unit_range
 from .feature_editor import FeatureStack
 from .inverter import Inverter
 from ...loaders import checkpoints as ckpts
-from ...stylegan2.cuda_graphs import GraphedInference
+from ...stylegan2.cuda_graphs import GraphedInference, fork
 from ...stylegan2.generator import Generator
 
 FEATURE_INDEX = 9  # official `w_feats[9]`: the 64-px conv's output
@@ -126,12 +126,20 @@ class SFEModel(GeneratorModel, GraphedInference, nn.Module):
     # ---- steps (each a pure function of tensors: what a CUDA graph records) -------------------------------------
     def _invert_normalized(self, x: torch.Tensor, reconstruct: bool) -> tuple:
         """x at 256 px in [-1, 1] -> (codes, e4e codes or None, fused feature, reconstruction or None)."""
+        e4e_codes, branch = None, None
+        if self.e4e is not None:  # independent of the inverter: on a GPU, concurrently with it
+            branch = fork(x)
+            e4e_codes = branch.run(self._e4e_codes, x) if branch else self._e4e_codes(x)
         codes, predicted = self.inverter.fs_backbone(x)
         codes = codes + self.latent_avg.to(codes.dtype)
         own = self.generator.feature(codes, FEATURE_INDEX)
         fused = self.inverter.fuser(torch.cat([predicted, own.to(predicted.dtype)], dim=1))
-        e4e_codes = None if self.e4e is None else self.e4e(x) + self.latent_avg.to(x.dtype)
+        if branch is not None:
+            branch.join(e4e_codes)
         return codes, e4e_codes, fused, self._reconstruct(codes, fused) if reconstruct else None
+
+    def _e4e_codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.e4e(x) + self.latent_avg.to(x.dtype)
 
     def _reconstruct(self, codes: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
         return self._image(fused, self.generator.styles(codes), None, None)
@@ -147,13 +155,17 @@ class SFEModel(GeneratorModel, GraphedInference, nn.Module):
         if self.feature_editor is None:  # inverter-only: the official FSEInverter decodes with the fused feature
             feature = fused
         else:
-            if e4e_styles is None:
-                delta = torch.zeros_like(fused)
-            else:
-                delta = (self.generator.synthesis_feature(reference_styles, FEATURE_INDEX)
-                         - self.generator.synthesis_feature(e4e_styles, FEATURE_INDEX))
+            delta = torch.zeros_like(fused) if e4e_styles is None else self._feature_move(reference_styles, e4e_styles)
             feature = self.feature_editor(torch.cat([fused, delta.to(fused.dtype)], dim=1))
         return to_unit_range(self.generator.synthesis(styles, new_features={FEATURE_INDEX: feature}))
+
+    def _feature_move(self, reference_styles: list, e4e_styles: list) -> torch.Tensor:
+        """F(reference) - F(edited e4e codes) at feature 9: both in one generator pass of twice the batch (at batch 1
+        the GPU does the two for about the price of one)."""
+        batch = e4e_styles[0].shape[0]
+        both = self.generator.synthesis_feature([torch.cat(pair) for pair in zip(reference_styles, e4e_styles)],
+                                                FEATURE_INDEX)
+        return both[:batch] - both[batch:]
 
     def _replayed(self, name, fn: Callable, inputs: list):
         """fn(*inputs), through a recorded CUDA graph on a GPU (copies of its outputs: the next replay overwrites
