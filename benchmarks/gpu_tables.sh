@@ -8,7 +8,8 @@
 # HYPERSTYLE_DIR / SFE_DIR: checkouts of yuval-alaluf/hyperstyle and AIRI-Institute/StyleFeatureEditor ("-" skips
 # that comparison). JSON lines go to OUT_DIR (default: a new temporary folder); stdout gets the tables. Each step has
 # a time limit (seconds, from the environment: PIPELINE_S, FRESH_S, SFE_S) so one slow step cannot take the others'
-# time; REPS and WARMUP set the timing (default 5 and 2). About 8 minutes on an H100 with the defaults.
+# time; REPS and WARMUP set the timing (default 5 and 2). About 8 minutes on an H100 (the first-call step alone took
+# 119 s there; tables print at the end of each step, so a step cut by its limit prints what finished below them).
 set -u
 hs_dir=${1:?give the HyperStyle checkout (or -)}
 sfe_dir=${2:?give the StyleFeatureEditor checkout (or -)}
@@ -34,13 +35,15 @@ timeout "${PIPELINE_S:-200}" "$py" benchmarks/bench_pipeline.py --no-compile --p
     --reps "$reps" --warmup "$warmup" --parity --label no-triton --out "$out/pipeline.jsonl" --table \
     2> "$out/no-triton.log" | grep '^|'
 step "HyperStyle first calls (empty caches, then a restart)"
-timeout "${FRESH_S:-150}" "$py" benchmarks/bench_pipeline.py --fresh-process --paths default --precisions tf32,bf16 \
+timeout "${FRESH_S:-240}" "$py" benchmarks/bench_pipeline.py --fresh-process --paths default --precisions tf32,bf16 \
     --batches 1,8 --out "$out/fresh.jsonl" --table 2> "$out/fresh.log" | grep '^|'
-"$py" - "$out/pipeline.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r["kind"] == "parity":
+"$py" - "$out/pipeline.jsonl" "$out/fresh.jsonl" <<'PY'
+import json, os, sys
+rows = [json.loads(line) for path in sys.argv[1:] if os.path.exists(path) for line in open(path)]
+for r in rows:
+    if r["kind"] == "first_call":
+        print("first call", r["path"], r["precision"], "batch", r["batch"], r["cache"], r["first_call_s"], "s")
+    elif r["kind"] == "parity":
         print("parity", r.get("label"), r["precision"], "images", r["images_max_abs_diff"], "codes", r["codes_max_abs_diff"])
     elif r["kind"] in ("official_ops", "official") and (r.get("error") or r["kind"] == "official_ops"):
         print(r["kind"], r.get("ops"), r.get("precision", ""), r.get("error", ""))

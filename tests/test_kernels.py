@@ -202,6 +202,12 @@ def test_backbones_on_triton_kernels_match_the_modules(dtype, monkeypatch):
         monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
         with torch.no_grad():
             results[mode] = [hypernet.features(x6)] + encoder.stages(x3)
+    assert_triton_matches(results, reference, dtype)
+
+
+def assert_triton_matches(results, reference, dtype):
+    """results["triton"] against results["torch"] (the modules' forward): in fp32 within 1e-4; in bf16 no further
+    from the fp32 reference than 1.5x the PyTorch path's own bf16 error."""
     assert kernels.available()
     for got, plain, ref in zip(results["triton"], results["torch"], reference):
         if dtype == torch.float32:
@@ -263,10 +269,4 @@ def test_sfe_networks_on_triton_kernels_match_the_modules(dtype, monkeypatch):
     for mode in ("torch", "triton"):
         monkeypatch.setattr(stylegan2, "_COMPILE", copy.deepcopy(stylegan2._MODES[mode]))
         results[mode] = sfe_outputs(inverter, editor, x, features)
-    assert kernels.available()
-    for got, plain, ref in zip(results["triton"], results["torch"], reference):
-        if dtype == torch.float32:
-            torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
-        else:
-            err = (got.float() - ref).pow(2).mean().sqrt().item()
-            assert err <= 1.5 * (plain.float() - ref).pow(2).mean().sqrt().item() + 1e-3
+    assert_triton_matches(results, reference, dtype)
