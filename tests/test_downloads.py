@@ -629,10 +629,13 @@ def test_real_registry_has_the_released_weights():
         "akhaliq/JoJoGAN", "e4e/editings/ganspace_pca/ffhq_pca.pt", "space", 167_562)
     assert registry["retinaface_resnet50"].repo_id == "camenduru/facexlib"
     assert registry["retinaface_mobilenet0.25"].repo_id == "leonelhs/facexlib"
-    editor = registry["sfe_editor_light"]  # the authors' model repo; size and hash unknown here: the Hub's are used
-    assert (editor.repo_id, editor.filename, editor.repo_type, editor.kind, editor.size, editor.sha256) == (
-        "AIRI-Institute/StyleFeatureEditor", "pretrained_models/sfe_editor_light.pt", "model", "sfe_editor", None, None)
-    assert registry["sfe_inverter_light"].kind == "sfe_inverter"
+    editor = registry["sfe_editor_light"]  # the authors' model repo, its Git LFS pointers' size and sha256
+    assert (editor.repo_id, editor.filename, editor.repo_type, editor.kind, editor.size) == (
+        "AIRI-Institute/StyleFeatureEditor", "pretrained_models/sfe_editor_light.pt", "model", "sfe_editor", 649_325_957)
+    assert editor.sha256.startswith("ced3e798") and editor.sha256.endswith("11ea")
+    inverter = registry["sfe_inverter_light"]
+    assert (inverter.kind, inverter.size) == ("sfe_inverter", 552_658_429)
+    assert inverter.sha256.startswith("ebaeeef8") and inverter.sha256.endswith("517a")
     glasses = registry["sfe_fs_glasses"]  # the official repository's file: its size and sha256
     assert (glasses.filename, glasses.size, glasses.kind) == ("editings/bound/Eyeglasses_boundary.npy", 36_992,
                                                               "direction")
