@@ -160,8 +160,8 @@ class SFEModel(GeneratorModel, GraphedInference, nn.Module):
         return to_unit_range(self.generator.synthesis(styles, new_features={FEATURE_INDEX: feature}))
 
     def _feature_move(self, reference_styles: list, e4e_styles: list) -> torch.Tensor:
-        """F(reference) - F(edited e4e codes) at feature 9: both in one generator pass of twice the batch (at batch 1
-        the GPU does the two for about the price of one)."""
+        """F(reference) - F(edited e4e codes) at feature 9, the two in one generator pass of twice the batch (half
+        the kernels; on an H100 its time was within the noise of two passes)."""
         batch = e4e_styles[0].shape[0]
         both = self.generator.synthesis_feature([torch.cat(pair) for pair in zip(reference_styles, e4e_styles)],
                                                 FEATURE_INDEX)
