@@ -340,3 +340,18 @@ def test_bench_pipeline_times_the_official_code_beside_ours(tmp_path):
     assert official["fp32"]["ops"].startswith("reference")
     assert official["bf16"]["ms_per_image"] is None and "half-precision" in official["bf16"]["error"]
     assert "| official ms/image | ours faster |" in done.stdout
+
+
+def test_bench_layers_on_cpu(tmp_path):
+    """benchmarks/bench_layers.py runs every form of every upsampling layer (eagerly on the CPU) and reports each."""
+    out = tmp_path / "layers.jsonl"
+    rows = load_benchmark("bench_layers").main(["--device", "cpu", "--size", "16", "--batches", "1,2",
+                                                "--precisions", "fp32", "--reps", "1", "--out", str(out)])
+    forms = ("phases", "split", "transposed", "layer", "transposed+blur")
+    assert {(r["level"], r["batch"], r["form"]) for r in rows} == {(lv, b, f) for lv in (0, 1) for b in (1, 2)
+                                                                   for f in forms}
+    assert all(r["error"] is None and r["ms_per_image"] > 0 for r in rows)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    transposed = next(r for r in rows if r["form"] == "transposed" and r["level"] == 1)
+    phases = next(r for r in rows if r["form"] == "phases" and r["level"] == 1)
+    assert phases["gmac_per_image"] > transposed["gmac_per_image"]  # 36 taps against 16
