@@ -25,7 +25,18 @@ def close(got, want, dtype, what):
 
 
 def check_activation(device, dtype):
-    b, o, h, w = 2, 5, 4, 6
+    for channels in (5, 32):  # a partial channel tile, and whole ones (the kernel's unmasked, vectorised loads)
+        check_activation_layouts(device, dtype, channels)
+
+
+def activation_in_fp32(y, noise, noise_weight, bias):
+    """The PyTorch twin on the inputs in fp32: the kernel computes in fp32 and rounds once (the twin in half
+    precision rounds each step, which can differ by more than the tolerance where the terms cancel)."""
+    return stylegan2._noise_and_activation(y.float(), noise.float(), noise_weight.float(), bias.float())
+
+
+def check_activation_layouts(device, dtype, o):
+    b, h, w = 2, 4, 6
     like = torch.empty(0, device=device, dtype=dtype)
     y = stylegan2.packed_empty(b, o, h, w, like=like)
     y.copy_(torch.randn(b, o, h, w))
@@ -33,24 +44,32 @@ def check_activation(device, dtype):
     bias = torch.randn(o, device=device, dtype=dtype)
     for noise_batch in (1, b):
         noise = torch.randn(noise_batch, 1, h, w, device=device, dtype=dtype)
-        want = stylegan2._noise_and_activation(y, noise, noise_weight, bias)
+        want = activation_in_fp32(y, noise, noise_weight, bias)
         got = kernels.styled_activation(y, noise, noise_weight, bias, stylegan2.packed_empty(b, o, h, w, like=y))
-        close(got, want, dtype, f"activation, noise batch {noise_batch}")
+        close(got, want, dtype, f"activation, {o} channels, noise batch {noise_batch}")
     for n in (1, 2):  # an upsampling layer's phase convolution: one or both output row parities
         m = 2 * n
         conv = torch.randn(1, b * o * m, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         part = conv.as_strided((b, o, h, n, w, 2), (m * o, m, w * b * m * o, 2, b * m * o, 1))
         noise = stylegan2.phase_view(torch.randn(1, 1, 2 * h, 2 * w, device=device, dtype=dtype))[:, :, :, :n]
-        out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=y).zero_()
-        got = kernels.styled_activation(part, noise, noise_weight, bias, stylegan2.phase_view(out)[:, :, :, :n])
-        close(got, stylegan2._noise_and_activation(part, noise, noise_weight, bias), dtype, f"phases, n={n}")
+        for order in (lambda t: t, stylegan2.pixel_major):  # pixels (row, parity, column, parity) or as the generator
+            out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=y).zero_()
+            got = kernels.styled_activation(order(part), order(noise), noise_weight, bias,
+                                            order(stylegan2.phase_view(out)[:, :, :, :n]))
+            close(got, order(activation_in_fp32(part, noise, noise_weight, bias)), dtype,
+                  f"phases, {o} channels, n={n}")
 
 
 def check_weights(device, dtype):
-    weight = torch.randn(1, 6, 5, 3, 3, device=device).to(dtype)
-    style = torch.randn(2, 5, device=device).to(dtype)
-    deltas = [None, 0.3 * torch.randn(2, 6, 5), 0.3 * torch.randn(1, 6, 5), 0.3 * torch.randn(2, 6, 5, 3, 3),
-              0.3 * torch.randn(2, 6, 5, 1, 1)]
+    for n_in in (5, kernels.WEIGHT_BLOCK_C):  # a partial input block, and whole ones (unmasked, vectorised)
+        check_weight_forms(device, dtype, n_in)
+
+
+def check_weight_forms(device, dtype, n_in):
+    weight = torch.randn(1, 6, n_in, 3, 3, device=device).to(dtype)
+    style = torch.randn(2, n_in, device=device).to(dtype)
+    deltas = [None, 0.3 * torch.randn(2, 6, n_in), 0.3 * torch.randn(1, 6, n_in),
+              0.3 * torch.randn(2, 6, n_in, 3, 3), 0.3 * torch.randn(2, 6, n_in, 1, 1)]
     for delta in deltas:
         delta = None if delta is None else delta.to(device=device, dtype=dtype)
         for demodulate in (True, False):
@@ -67,8 +86,8 @@ def check_weights(device, dtype):
                 got = kernels.modulated_weights(weight, 0.3, style, delta, demodulate, out, kind)
                 what = f"{kind} weights, offsets {None if delta is None else tuple(delta.shape)}, demod {demodulate}"
                 close(None if got is None else full, expected, dtype, what)
-    rgb = torch.randn(1, 3, 5, 1, 1, device=device).to(dtype)
-    for delta in (None, 0.3 * torch.randn(2, 3, 5), 0.3 * torch.randn(1, 3, 5, 1, 1)):
+    rgb = torch.randn(1, 3, n_in, 1, 1, device=device).to(dtype)
+    for delta in (None, 0.3 * torch.randn(2, 3, n_in), 0.3 * torch.randn(1, 3, n_in, 1, 1)):
         delta = None if delta is None else delta.to(device=device, dtype=dtype)
         with torch.enable_grad():
             want = stylegan2.block_diagonal_weight(rgb, 0.3, style, delta, dtype)

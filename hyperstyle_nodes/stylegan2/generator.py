@@ -665,8 +665,11 @@ class Upsampled:
             if noise is None:
                 phase_view(out)[:, :, :, rows].copy_(part)
             else:
-                styled_activation(part, phase_view(noise)[:, :, :, rows], noise_weight, bias,
-                                  phase_view(out)[:, :, :, rows])
+                # pixels ordered (row, column, row parity, column parity): every phase of an input pixel lies in one
+                # tile, so the Triton kernel reads the convolution's output (phases innermost) in whole runs.
+                # H200, bf16, one generator pass at batch 1: 1.41 -> ? ms/image
+                styled_activation(pixel_major(part), pixel_major(phase_view(noise)[:, :, :, rows]), noise_weight,
+                                  bias, pixel_major(phase_view(out)[:, :, :, rows]))
         return out
 
 
@@ -789,6 +792,11 @@ class ModulatedConv2d(nn.Module):
             return out
         b, _, h, wd = x.shape
         return out.into(packed_empty(b, self.out_channel, 2 * h, 2 * wd, like=x))
+
+
+def pixel_major(phases: torch.Tensor) -> torch.Tensor:
+    """A [..., H, n, W, 2] phase view as [..., H, W, n, 2] (the same elements)."""
+    return phases.transpose(-3, -2)
 
 
 def phase_view(x: torch.Tensor) -> torch.Tensor:

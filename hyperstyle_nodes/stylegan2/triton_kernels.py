@@ -17,13 +17,14 @@ SQRT2: tl.constexpr = tl.constexpr(1.4142135623730951)
 @triton.jit(do_not_specialize=["n_pix", "n_ch", "n_out", "P1", "P2", "P3"])
 def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_ptr, n_pix, n_ch, n_out, P1, P2, P3,
                              ys0, ys1, ys2, ys3, ysc, os0, os1, os2, os3, osc, ns0, ns1, ns2, ns3, nsb,
-                             NOISE_PER_SAMPLE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                             NOISE_PER_SAMPLE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                             EVEN_C: tl.constexpr):
     """out = leaky_relu(y + noise_weight * noise + bias, 0.2) * sqrt(2) over [pixels, channels] tiles.
 
     Pixels: up to four dims (P0 = n_pix / (P1 P2 P3), P1, P2, P3), e.g. (1, 1, H, W), or (H, row parity, W,
     column parity) for an upsampling layer's phases; channels: b * n_out + o, one stride per tensor (all the
     layouts here merge batch and channels). Noise has one channel and is shared by the batch unless
-    NOISE_PER_SAMPLE."""
+    NOISE_PER_SAMPLE. EVEN_C: the channel blocks tile n_ch exactly, so only pixels are masked."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     i3 = p % P3
@@ -34,7 +35,10 @@ def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_p
     i0 = rest // P1
     pix_mask = p < n_pix
     ch_mask = ch < n_ch
-    mask = pix_mask[:, None] & ch_mask[None, :]
+    if EVEN_C:  # no mask along the channels: Triton then vectorises the loads and stores along them
+        mask = pix_mask[:, None]
+    else:
+        mask = pix_mask[:, None] & ch_mask[None, :]
     y_pix = i0 * ys0 + i1 * ys1 + i2 * ys2 + i3 * ys3
     y = tl.load(y_ptr + y_pix[:, None] + ch[None, :] * ysc, mask=mask, other=0.0).to(tl.float32)
     noise_pix = i0 * ns0 + i1 * ns1 + i2 * ns2 + i3 * ns3
@@ -43,7 +47,10 @@ def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_p
     else:
         noise = tl.load(noise_ptr + noise_pix, mask=pix_mask, other=0.0)[:, None]
     noise_weight = tl.load(noise_weight_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr + ch % n_out, mask=ch_mask, other=0.0).to(tl.float32)
+    if EVEN_C:
+        bias = tl.load(bias_ptr + ch % n_out).to(tl.float32)
+    else:
+        bias = tl.load(bias_ptr + ch % n_out, mask=ch_mask, other=0.0).to(tl.float32)
     v = y + noise_weight * noise.to(tl.float32) + bias[None, :]
     v = tl.where(v > 0, v, v * 0.2) * SQRT2
     out_pix = i0 * os0 + i1 * os1 + i2 * os2 + i3 * os3
@@ -54,7 +61,7 @@ def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_p
 def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale, n_out, n_in, n_taps, n_phases,
                             wso, wsc, wsy, wsx, ssb, ssc, dsb, dso, dsc, dsy, dsx, osb, osj, ost, osc,
                             K: tl.constexpr, KK_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                            HAS_DELTA: tl.constexpr, DEMODULATE: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, DEMODULATE: tl.constexpr, EVEN_C: tl.constexpr):
     """Per-sample weights of one (sample b, output row j) per program, in `_modulated`'s order:
     w = W * scale * (1 + delta) * style, times rsqrt(sum over taps and inputs of w^2 + 1e-8) when DEMODULATE.
 
@@ -75,14 +82,20 @@ def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale
         acc = tl.zeros((KK_BLOCK, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, n_in, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            m = (s < K * K)[:, None] & (c < n_in)[None, :]
+            if EVEN_C:  # no mask along the inputs: loads vectorised along them where their stride is 1
+                m = (s < K * K)[:, None]
+            else:
+                m = (s < K * K)[:, None] & (c < n_in)[None, :]
             w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
                         other=0.0).to(tl.float32) * scale
             if HAS_DELTA:
                 d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None],
                             mask=m, other=0.0).to(tl.float32)
                 w = w * (1 + d)
-            st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+            if EVEN_C:
+                st = tl.load(style_ptr + b * ssb + c * ssc).to(tl.float32)
+            else:
+                st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
             w = w * st[None, :]
             acc += w * w
         demod = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) + 1e-8)
@@ -94,18 +107,25 @@ def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale
     sx = src % K
     for c0 in range(0, n_in, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = (c < n_in)[None, :]
-        m = src_ok[:, None] & c_ok
+        if EVEN_C:  # masks constant along the inputs ([T, 1], broadcast), so the accesses stay vectorised
+            m = src_ok[:, None]
+            store_mask = (t < n_taps)[:, None]
+        else:
+            m = src_ok[:, None] & (c < n_in)[None, :]
+            store_mask = (t < n_taps)[:, None] & (c < n_in)[None, :]
         w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
                     other=0.0).to(tl.float32) * scale
         if HAS_DELTA:
             d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None], mask=m,
                         other=0.0).to(tl.float32)
             w = w * (1 + d)
-        st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+        if EVEN_C:
+            st = tl.load(style_ptr + b * ssb + c * ssc).to(tl.float32)
+        else:
+            st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
         w = w * st[None, :] * demod
         tl.store(out_ptr + b * osb + j * osj + t[:, None] * ost + c[None, :] * osc, w.to(out_ptr.dtype.element_ty),
-                 mask=(t < n_taps)[:, None] & c_ok)
+                 mask=store_mask)
 
 
 @triton.jit(do_not_specialize=["scale", "n_out", "n_in", "n_rows", "n_cols", "n_used"])
