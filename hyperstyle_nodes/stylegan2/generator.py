@@ -665,11 +665,12 @@ class Upsampled:
             if noise is None:
                 phase_view(out)[:, :, :, rows].copy_(part)
             else:
-                # pixels ordered (row, column, row parity, column parity): every phase of an input pixel lies in one
-                # tile, so the Triton kernel reads the convolution's output (phases innermost) in whole runs.
-                # H200, bf16, one generator pass at batch 1: 1.41 -> ? ms/image
-                styled_activation(pixel_major(part), pixel_major(phase_view(noise)[:, :, :, rows]), noise_weight,
-                                  bias, pixel_major(phase_view(out)[:, :, :, rows]))
+                # for the Triton kernel, pixels ordered (row, column, row parity, column parity): every phase of an
+                # input pixel lies in one tile, which then reads the convolution's output (phases innermost) in
+                # whole runs. (Eager PyTorch keeps the output's order, which its noise-and-bias term follows.)
+                order = pixel_major if triton_runs(part) else (lambda t: t)
+                styled_activation(order(part), order(phase_view(noise)[:, :, :, rows]), noise_weight, bias,
+                                  order(phase_view(out)[:, :, :, rows]))
         return out
 
 
