@@ -52,16 +52,13 @@ def check_activation_layouts(device, dtype, o):
         conv = torch.randn(1, b * o * m, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         part = conv.as_strided((b, o, h, n, w, 2), (m * o, m, w * b * m * o, 2, b * m * o, 1))
         noise = stylegan2.phase_view(torch.randn(1, 1, 2 * h, 2 * w, device=device, dtype=dtype))[:, :, :, :n]
-        for order in (lambda t: t, stylegan2.pixel_major):  # pixels (row, parity, column, parity) or as the generator
-            out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=y).zero_()
-            got = kernels.styled_activation(order(part), order(noise), noise_weight, bias,
-                                            order(stylegan2.phase_view(out)[:, :, :, :n]))
-            close(got, order(activation_in_fp32(part, noise, noise_weight, bias)), dtype,
-                  f"phases, {o} channels, n={n}")
+        out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=y).zero_()
+        got = kernels.styled_activation(part, noise, noise_weight, bias, stylegan2.phase_view(out)[:, :, :, :n])
+        close(got, activation_in_fp32(part, noise, noise_weight, bias), dtype, f"phases, {o} channels, n={n}")
 
 
 def check_weights(device, dtype):
-    for n_in in (5, kernels.WEIGHT_BLOCK_C):  # a partial input block, and whole ones (unmasked, vectorised)
+    for n_in in (5, kernels.WEIGHT_BLOCK_C):  # a partial input block, and whole ones
         check_weight_forms(device, dtype, n_in)
 
 

@@ -665,12 +665,8 @@ class Upsampled:
             if noise is None:
                 phase_view(out)[:, :, :, rows].copy_(part)
             else:
-                # for the Triton kernel, pixels ordered (row, column, row parity, column parity): every phase of an
-                # input pixel lies in one tile, which then reads the convolution's output (phases innermost) in
-                # whole runs. (Eager PyTorch keeps the output's order, which its noise-and-bias term follows.)
-                order = pixel_major if triton_runs(part) else (lambda t: t)
-                styled_activation(order(part), order(phase_view(noise)[:, :, :, rows]), noise_weight, bias,
-                                  order(phase_view(out)[:, :, :, rows]))
+                styled_activation(part, phase_view(noise)[:, :, :, rows], noise_weight, bias,
+                                  phase_view(out)[:, :, :, rows])
         return out
 
 
@@ -793,11 +789,6 @@ class ModulatedConv2d(nn.Module):
             return out
         b, _, h, wd = x.shape
         return out.into(packed_empty(b, self.out_channel, 2 * h, 2 * wd, like=x))
-
-
-def pixel_major(phases: torch.Tensor) -> torch.Tensor:
-    """A [..., H, n, W, 2] phase view as [..., H, W, n, 2] (the same elements)."""
-    return phases.transpose(-3, -2)
 
 
 def phase_view(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ _TAP_TABLES: dict = {}
 ACTIVATION_TILE_ELEMENTS = 2048  # pixels x channels per program; the channel block is the widest that fits exactly
 ACTIVATION_BLOCK_C = (128, 64, 32)
 WEIGHT_BLOCK_C = 64
-WEIGHT_CHANNELS_LAST = True
 BLOCK_DIAGONAL_TILE = (32, 32)
 RGB_BLOCK_W = 128
 EPILOGUE_TILE = (64, 64)  # pixels x channels
@@ -124,9 +123,11 @@ def styled_activation(y: torch.Tensor, noise: torch.Tensor, noise_weight: torch.
 def activation_tile(n_ch: int) -> tuple:
     """(pixels, channels) of a styled-activation program: the widest channel block that divides n_ch, so that no
     channel is masked and the loads and stores are vectorised along the channels. H200, one generator pass (1024 px,
-    graphed), ms/image, against the fixed 64 x 32 tile with every channel masked: bf16 batch 8 1.55 -> 1.08, batch 1
-    1.78 -> 1.41; tf32 2.06 -> 1.91 and 2.29 -> 2.21. (Masked channels cost most in half precision: each thread
-    then moved single 2-byte elements.) A few variants compile in all, not one per layer."""
+    with offsets, graphed), ms/image, the former fixed 64 x 32 tile with every channel masked against unmasked tiles
+    of the width this picks for the largest layers (128 channels at batch 8, 32 at batch 1): bf16 batch 8
+    1.55 -> 1.08, batch 1 1.78 -> 1.41; tf32 2.06 -> 1.91 and 2.29 -> 2.21. The kernel's share of a bf16 pass at
+    batch 8 fell from 5.3 to 1.3 ms (masked, each thread moved single 2-byte elements). A few variants compile in
+    all (three widths, masked or not), not one per layer."""
     for block_c in ACTIVATION_BLOCK_C:
         if n_ch % block_c == 0:
             return ACTIVATION_TILE_ELEMENTS // block_c, block_c
@@ -186,14 +187,12 @@ def modulated_weights(weight: torch.Tensor, scale: float, style: torch.Tensor, d
         osb, osj, ost, osc = out.stride()
     if b * n_phases * n_out == 0:
         return out
-    if WEIGHT_CHANNELS_LAST and n_in % WEIGHT_BLOCK_C == 0 and weight.stride(2) != 1:
-        weight = weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     ok = _launch("modulated_weight_kernel", (b * n_phases * n_out,), weight, style, weight if delta is None else delta,
                  table, out, float(scale), n_out, n_in, n_taps, n_phases,
                  weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                  style.stride(0), style.stride(1), *ds, osb, osj, ost, osc,
                  K=k, KK_BLOCK=_next_pow2(k * k), T_BLOCK=_next_pow2(n_taps), BLOCK_C=WEIGHT_BLOCK_C,
-                 HAS_DELTA=delta is not None, DEMODULATE=bool(demodulate), EVEN_C=n_in % WEIGHT_BLOCK_C == 0)
+                 HAS_DELTA=delta is not None, DEMODULATE=bool(demodulate))
     return out if ok else None
 
 

@@ -61,7 +61,7 @@ def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_p
 def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale, n_out, n_in, n_taps, n_phases,
                             wso, wsc, wsy, wsx, ssb, ssc, dsb, dso, dsc, dsy, dsx, osb, osj, ost, osc,
                             K: tl.constexpr, KK_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                            HAS_DELTA: tl.constexpr, DEMODULATE: tl.constexpr, EVEN_C: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, DEMODULATE: tl.constexpr):
     """Per-sample weights of one (sample b, output row j) per program, in `_modulated`'s order:
     w = W * scale * (1 + delta) * style, times rsqrt(sum over taps and inputs of w^2 + 1e-8) when DEMODULATE.
 
@@ -82,20 +82,14 @@ def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale
         acc = tl.zeros((KK_BLOCK, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, n_in, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            if EVEN_C:  # no mask along the inputs: loads vectorised along them where their stride is 1
-                m = (s < K * K)[:, None]
-            else:
-                m = (s < K * K)[:, None] & (c < n_in)[None, :]
+            m = (s < K * K)[:, None] & (c < n_in)[None, :]
             w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
                         other=0.0).to(tl.float32) * scale
             if HAS_DELTA:
                 d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None],
                             mask=m, other=0.0).to(tl.float32)
                 w = w * (1 + d)
-            if EVEN_C:
-                st = tl.load(style_ptr + b * ssb + c * ssc).to(tl.float32)
-            else:
-                st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+            st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
             w = w * st[None, :]
             acc += w * w
         demod = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) + 1e-8)
@@ -107,25 +101,18 @@ def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale
     sx = src % K
     for c0 in range(0, n_in, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        if EVEN_C:  # masks constant along the inputs ([T, 1], broadcast), so the accesses stay vectorised
-            m = src_ok[:, None]
-            store_mask = (t < n_taps)[:, None]
-        else:
-            m = src_ok[:, None] & (c < n_in)[None, :]
-            store_mask = (t < n_taps)[:, None] & (c < n_in)[None, :]
+        c_ok = (c < n_in)[None, :]
+        m = src_ok[:, None] & c_ok
         w = tl.load(w_ptr + o * wso + c[None, :] * wsc + (sy * wsy + sx * wsx)[:, None], mask=m,
                     other=0.0).to(tl.float32) * scale
         if HAS_DELTA:
             d = tl.load(delta_ptr + b * dsb + o * dso + c[None, :] * dsc + (sy * dsy + sx * dsx)[:, None], mask=m,
                         other=0.0).to(tl.float32)
             w = w * (1 + d)
-        if EVEN_C:
-            st = tl.load(style_ptr + b * ssb + c * ssc).to(tl.float32)
-        else:
-            st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
+        st = tl.load(style_ptr + b * ssb + c * ssc, mask=c < n_in, other=0.0).to(tl.float32)
         w = w * st[None, :] * demod
         tl.store(out_ptr + b * osb + j * osj + t[:, None] * ost + c[None, :] * osc, w.to(out_ptr.dtype.element_ty),
-                 mask=store_mask)
+                 mask=(t < n_taps)[:, None] & c_ok)
 
 
 @triton.jit(do_not_specialize=["scale", "n_out", "n_in", "n_rows", "n_cols", "n_used"])
