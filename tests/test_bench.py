@@ -355,3 +355,29 @@ def test_bench_layers_on_cpu(tmp_path):
     transposed = next(r for r in rows if r["form"] == "transposed" and r["level"] == 1)
     phases = next(r for r in rows if r["form"] == "phases" and r["level"] == 1)
     assert phases["gmac_per_image"] > transposed["gmac_per_image"]  # 36 taps against 16
+
+
+def test_bench_generator_on_cpu(tmp_path):
+    out = tmp_path / "generator.jsonl"
+    rows = load_benchmark("bench_generator").main(["--device", "cpu", "--tiny", "--size", "32", "--batches", "1,2",
+                                                   "--precisions", "fp32", "--reps", "1", "--out", str(out),
+                                                   "--table"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert [(r["batch"], r["precision"], r["path"]) for r in rows] == [(1, "fp32", "default"), (2, "fp32", "default")]
+    for r in rows:
+        assert r["ms_per_image"] > 0 and r["kernels"] > 0
+        assert abs(sum(r["family_ms"].values()) - r["profiled_ms"]) < 0.01
+
+
+def test_bench_generator_sorts_kernels_into_families():
+    family = load_benchmark("bench_generator").family
+    assert family("styled_activation_kernel") == "activation"
+    assert family("modulated_weight_kernel") == "weights"
+    assert family("void nhwcSliceCKernel<__nv_bfloat16, __nv_bfloat16, float, true>") == "channel slices"
+    assert family("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == \
+        "convolution"
+    assert family("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_64x64>") == \
+        "convolution"
+    assert family("nvjet_sm90_tst_256x40_64x5_2x1_v_bz_NNT") == "matmul"
+    assert family("cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8") == "matmul"
+    assert family("void at::native::vectorized_elementwise_kernel<4>") == "other"
