@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -36,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hyperstyle_nodes.engines.hyperstyle.model import pool_to  # noqa: E402
 from hyperstyle_nodes.stylegan2 import generator as stylegan2  # noqa: E402
-from bench_layers import timer  # noqa: E402
-from bench_pipeline import DTYPES, build_model, precision_flags, test_images  # noqa: E402
+from bench_layers import json_reporter, timer  # noqa: E402
+from bench_pipeline import DTYPES, add_model_arguments, build_model, precision_flags, test_images  # noqa: E402
 
 FAMILIES = (("activation", ("styled_activation",)), ("weights", ("modulated_weight", "block_diagonal")),
             ("rgb", ("rgb_output",)), ("channel slices", ("nhwcSliceC",)),
@@ -119,11 +118,7 @@ def print_table(rows) -> None:
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", type=int, default=1024, help="generator resolution")
-    p.add_argument("--tiny", action="store_true", help="tiny.py's narrow widths (CPU smoke tests)")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--precisions", default="bf16,tf32")
+    add_model_arguments(p, "bf16,tf32")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--no-triton", action="store_true", help="the PyTorch path (HYPERSTYLE_COMPILE=0)")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
@@ -132,18 +127,7 @@ def main(argv=None) -> list:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.precisions = args.precisions.split(",")
     rows = []
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-
-    def report(**row):
-        row = {"gpu": gpu, "torch": torch.__version__, **row}
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
-
-    bench(args, report)
+    bench(args, json_reporter(args.device, args.out, rows))
     if args.table:
         print_table(rows)
     return rows

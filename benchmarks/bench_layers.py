@@ -162,21 +162,27 @@ def main(argv=None) -> list:
     if unknown:
         p.error(f"unknown forms {sorted(unknown)}; choose from {', '.join(FORMS)}")
     rows = []
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    bench(args, json_reporter(args.device, args.out, rows))
+    if args.table:
+        print_table(rows, args.forms)
+    return rows
+
+
+def json_reporter(device: str, out, rows: list):
+    """report(**row): the row, with the GPU's name and torch's version, appended to `rows`, printed as a JSON line
+    and appended to the file `out` (if given)."""
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
 
     def report(**row):
         row = {"gpu": gpu, "torch": torch.__version__, **row}
         rows.append(row)
         line = json.dumps(row)
         print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
+        if out:
+            with open(out, "a") as f:
                 f.write(line + "\n")
 
-    bench(args, report)
-    if args.table:
-        print_table(rows, args.forms)
-    return rows
+    return report
 
 
 if __name__ == "__main__":

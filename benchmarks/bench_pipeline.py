@@ -400,13 +400,18 @@ def print_table(rows):
     print("\n".join(lines), flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser, precisions: str) -> None:
+    """--device, --size, --tiny, --batches and --precisions (default `precisions`), as the model benchmarks take them."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=1024, help="generator resolution")
     p.add_argument("--tiny", action="store_true", help="tiny.py's narrow widths (CPU smoke tests)")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--precisions", default="fp32,tf32,fp16,bf16")
+    p.add_argument("--precisions", default=precisions)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, "fp32,tf32,fp16,bf16")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
