@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The README's GPU tables in one call on one GPU: HyperStyle's two paths (Triton kernels, and without Triton) with
 # the official code beside them, first calls with empty and warm caches, and StyleFeatureEditor against its official
-# code. Run from the repository root:
+# code, and where a generator pass spends its time. Run from the repository root:
 #
 #   bash benchmarks/gpu_tables.sh HYPERSTYLE_DIR SFE_DIR [OUT_DIR]
 #
 # HYPERSTYLE_DIR / SFE_DIR: checkouts of yuval-alaluf/hyperstyle and AIRI-Institute/StyleFeatureEditor ("-" skips
 # that comparison). JSON lines go to OUT_DIR (default: a new temporary folder); stdout gets the tables. Each step has
-# a time limit (seconds, from the environment: PIPELINE_S, FRESH_S, SFE_S) so one slow step cannot take the others'
-# time; REPS and WARMUP set the timing (default 5 and 2). About 8 minutes on an H100 (the first-call step alone took
-# 119 s there; tables print at the end of each step, so a step cut by its limit prints what finished below them).
+# a time limit (seconds, from the environment: PIPELINE_S, FRESH_S, GENERATOR_S, SFE_S) so one slow step cannot take
+# the others' time; REPS and WARMUP set the timing (default 5 and 2). About 8 minutes on an H100 before the generator
+# step was added (the first-call step alone took 119 s there; tables print at the end of each step, so a step cut by
+# its limit prints what finished below them).
 set -u
 hs_dir=${1:?give the HyperStyle checkout (or -)}
 sfe_dir=${2:?give the StyleFeatureEditor checkout (or -)}
@@ -48,6 +49,9 @@ for r in rows:
     elif r["kind"] in ("official_ops", "official") and (r.get("error") or r["kind"] == "official_ops"):
         print(r["kind"], r.get("ops"), r.get("precision", ""), r.get("error", ""))
 PY
+step "HyperStyle generator pass by kernel family (default path)"
+timeout "${GENERATOR_S:-90}" "$py" benchmarks/bench_generator.py --precisions bf16,tf32 --batches 1,8 \
+    --out "$out/generator.jsonl" --table 2> "$out/generator.log" | grep '^|'
 if [ "$sfe_dir" != "-" ]; then
     step "StyleFeatureEditor against its official code"
     timeout "${SFE_S:-300}" "$py" benchmarks/bench_sfe.py --official "$sfe_dir" --batches 1,8 --precisions tf32,bf16 \
