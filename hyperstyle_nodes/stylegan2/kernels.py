@@ -23,9 +23,9 @@ from . import warmup
 _STATE = {"module": None, "failed": False, "announced": False}
 _TAP_TABLES: dict = {}
 
-# tile sizes: fixed, so a new layer width or batch size never compiles another variant
-ACTIVATION_TILE_ELEMENTS = 2048  # pixels x channels per program; the channel block is the widest that fits exactly
-ACTIVATION_BLOCK_C = (128, 64, 32)
+# tile sizes: fixed (or, for the activation, one of three), so a new layer width or batch size compiles no new variant
+ACTIVATION_TILE_ELEMENTS = 2048  # pixels x channels per program
+ACTIVATION_BLOCK_C = (128, 64, 32)  # channel blocks, widest first (`activation_tile`)
 WEIGHT_BLOCK_C = 64
 BLOCK_DIAGONAL_TILE = (32, 32)
 RGB_BLOCK_W = 128
@@ -128,10 +128,7 @@ def activation_tile(n_ch: int) -> tuple:
     1.55 -> 1.08, batch 1 1.78 -> 1.41; tf32 2.06 -> 1.91 and 2.29 -> 2.21. The kernel's share of a bf16 pass at
     batch 8 fell from 5.3 to 1.3 ms (masked, each thread moved single 2-byte elements). A few variants compile in
     all (three widths, masked or not), not one per layer."""
-    for block_c in ACTIVATION_BLOCK_C:
-        if n_ch % block_c == 0:
-            return ACTIVATION_TILE_ELEMENTS // block_c, block_c
-    block_c = ACTIVATION_BLOCK_C[-1]
+    block_c = next((c for c in ACTIVATION_BLOCK_C if n_ch % c == 0), ACTIVATION_BLOCK_C[-1])
     return ACTIVATION_TILE_ELEMENTS // block_c, block_c
 
 
