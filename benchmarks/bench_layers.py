@@ -11,8 +11,8 @@ generator at each batch size and precision, the layer's convolution (per-sample 
     transposed   the stride-2 transposed convolution in phase form (2x2 kernels), its blur not yet applied
 
 and the whole layer (convolution, noise, bias, activation, phases interleaved: `StyledConv`) as the library runs it
-now ("layer") and in the transposed form with its blur epilogue ("transposed+blur": compiled with
-HYPERSTYLE_COMPILE=1, else eager PyTorch; the Triton kernels have no blur epilogue). Each measurement replays a CUDA
+now ("layer") and in the transposed form with its blur epilogue ("transposed+blur": the Triton kernel by default,
+torch.compile's fusion with HYPERSTYLE_COMPILE=1, eager PyTorch with HYPERSTYLE_COMPILE=0). Each measurement replays a CUDA
 graph of 10 calls (no launch overhead), median of --reps replays, per image; on the CPU it runs eagerly (smoke test).
 Random weights; one JSON line per measurement, --table for a markdown table:
 
@@ -45,7 +45,7 @@ CALLS_PER_GRAPH = 10
 
 def forced_plan(plan):
     """An `upsample_plan` that always answers `plan`."""
-    return lambda self, batch, height, transposed_pays=True: plan
+    return lambda self, batch, height, transposed_up_to=0: plan
 
 
 def timer(fn, device: torch.device, reps: int):

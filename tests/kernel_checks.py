@@ -57,6 +57,31 @@ def check_activation_layouts(device, dtype, o):
         close(got, activation_in_fp32(part, noise, noise_weight, bias), dtype, f"phases, {o} channels, n={n}")
 
 
+def check_blurred_activation(device, dtype):
+    """The transposed form's epilogue (blur, then noise + bias + activation, or the blur alone), on the layout the
+    generator hands it: a [1, B*4*O, H+1, W+1] channels-last convolution output viewed as its phases."""
+    b, h, w = 2, 4, 6
+    taps = stylegan2.Blur(pad=(1, 1), gain=4).taps
+    terms = stylegan2.blur_phase_terms(taps)
+    like = torch.empty(0, device=device, dtype=dtype)
+    noise_weight = torch.tensor([0.7], device=device, dtype=dtype)
+    for o in (5, 32):  # a partial channel tile, and whole ones
+        m = 4 * o
+        conv = torch.randn(1, b * m, h + 1, w + 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        t = conv.as_strided((b, 2, 2, o, h + 1, w + 1), (m, 2 * o, o, 1, (w + 1) * b * m, b * m))
+        bias = torch.randn(o, device=device, dtype=dtype)
+        blurred = stylegan2.blurred_phases(t.float(), terms)
+        for noise_batch in (1, b):
+            noise = stylegan2.phase_view(torch.randn(noise_batch, 1, 2 * h, 2 * w, device=device, dtype=dtype))
+            out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=like)
+            got = kernels.blurred_activation(t, taps, noise, noise_weight, bias, stylegan2.phase_view(out))
+            close(got, activation_in_fp32(blurred, noise, noise_weight, bias), dtype,
+                  f"blurred activation, {o} channels, noise batch {noise_batch}")
+        out = stylegan2.packed_empty(b, o, 2 * h, 2 * w, like=like)
+        got = kernels.blurred_activation(t, taps, None, None, None, stylegan2.phase_view(out))
+        close(got, blurred, dtype, f"blur alone, {o} channels")
+
+
 def check_weights(device, dtype):
     for n_in in (5, kernels.WEIGHT_BLOCK_C):  # a partial input block, and whole ones
         check_weight_forms(device, dtype, n_in)
@@ -136,6 +161,7 @@ def check_all(device, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> 
     with torch.no_grad():
         for dtype in dtypes:
             check_activation(device, dtype)
+            check_blurred_activation(device, dtype)
             check_weights(device, dtype)
             check_rgb(device, dtype)
         for dtype in dtypes:

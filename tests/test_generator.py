@@ -73,8 +73,8 @@ def reference_modulated_conv(conv: ModulatedConv2d, x, w, delta=None):
 def test_modulated_conv_matches_per_sample_reference(upsample, form, kind, monkeypatch):
     """Upsampling forms: a transposed convolution in phase form + blur (small layers), blur-folded phases in one
     convolution, or as two convolutions, one per output row parity (large layers at batch > 1)."""
-    monkeypatch.setattr(stylegan2, "TRANSPOSED_UP_TO", 10 ** 6 if form == "transposed" else 0)
-    monkeypatch.setattr(stylegan2, "transposed_form_pays", lambda x: True)  # on the CPU it is never chosen
+    # (on the CPU the transposed form is never chosen by itself)
+    monkeypatch.setattr(stylegan2, "transposed_up_to", lambda x: 10 ** 6 if form == "transposed" else 0)
     monkeypatch.setattr(stylegan2, "SPLIT_ROW_PARITIES_FROM", 1 if form == "split phases" else 10 ** 6)
     torch.manual_seed(0)
     conv = ModulatedConv2d(8, 6, 3, 16, upsample=upsample)
@@ -268,23 +268,31 @@ def test_upsampling_form_follows_the_input_size():
     larger = 2 * stylegan2.TRANSPOSED_UP_TO
     assert conv.upsample_plan(1, larger) == ((0, 1),)
     assert conv.upsample_plan(8, max(larger, stylegan2.SPLIT_ROW_PARITIES_FROM)) == ((0,), (1,))
-    assert conv.upsample_plan(1, stylegan2.TRANSPOSED_UP_TO, transposed_pays=False) == ((0, 1),)
+    assert conv.upsample_plan(1, stylegan2.TRANSPOSED_UP_TO, transposed_up_to=0) == ((0, 1),)
+    assert conv.upsample_plan(1, larger, transposed_up_to=larger) == "transposed"
 
 
-def test_transposed_form_only_with_a_compiled_epilogue_and_not_in_strict_fp32(monkeypatch):
-    """Without torch.compile the transposed form's blur is ~100 kernels a layer (slower than the blur-folded
-    phases), and in strict fp32 cuDNN asked for a 65 GiB workspace for its convolution."""
+def test_transposed_form_only_with_a_fused_epilogue_and_not_in_strict_fp32(monkeypatch):
+    """Without a fused epilogue (torch.compile's or the Triton kernel) the transposed form's blur is ~100 kernels a
+    layer (slower than the blur-folded phases), and in strict fp32 cuDNN asked for a 65 GiB workspace for its
+    convolution. On the Triton kernels one image takes it at every size, a batch up to TRANSPOSED_UP_TO."""
     x16, x32 = torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16), torch.zeros(1, 4, 8, 8)
-    assert not stylegan2.transposed_form_pays(x16)  # CPU: eager
+    batch16 = torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16)
+    assert stylegan2.transposed_up_to(x16) == 0  # CPU: eager
     monkeypatch.setattr(stylegan2, "on_gpu", lambda t: True)
     monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": True})
-    assert stylegan2.transposed_form_pays(x16)
+    assert stylegan2.transposed_up_to(x16) == stylegan2.TRANSPOSED_UP_TO
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert stylegan2.transposed_form_pays(x32)  # PyTorch's default TF32 convolutions
+    assert stylegan2.transposed_up_to(x32) == stylegan2.TRANSPOSED_UP_TO  # PyTorch's default TF32 convolutions
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert not stylegan2.transposed_form_pays(x32) and stylegan2.transposed_form_pays(x16)
+    assert stylegan2.transposed_up_to(x32) == 0 and stylegan2.transposed_up_to(x16) > 0
     monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": False})  # HYPERSTYLE_COMPILE=0
-    assert not stylegan2.transposed_form_pays(x16)
+    assert stylegan2.transposed_up_to(x16) == 0
+    monkeypatch.setattr(stylegan2, "_COMPILE", {"enabled": False, "triton": True})  # the default: Triton kernels
+    monkeypatch.setattr(stylegan2, "triton_runs", lambda t: True)
+    assert stylegan2.transposed_up_to(x16) == stylegan2.TRANSPOSED_UP_TO_ONE_IMAGE
+    assert stylegan2.transposed_up_to(batch16) == stylegan2.TRANSPOSED_UP_TO
+    assert stylegan2.transposed_up_to(x32) == 0  # strict fp32 still not
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

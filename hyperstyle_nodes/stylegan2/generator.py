@@ -29,6 +29,7 @@ BLUR_KERNEL = (1, 3, 3, 1)
 PADDED_TAPS = 16  # 3x3 kernels padded to 16 taps for the phase matrix product
 SPLIT_ROW_PARITIES_FROM = 128  # input size from which an upsampling layer runs one convolution per row parity
 TRANSPOSED_UP_TO = 64  # largest input size at which an upsampling layer runs as a transposed convolution + blur
+TRANSPOSED_UP_TO_ONE_IMAGE = 1 << 30  # the same with the Triton kernels at batch 1: every size
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)
 
@@ -126,9 +127,10 @@ def check_size(size: int) -> None:
 #   bias: no transposed convolution and no blur pass, which were 60% of the GPU time before. The phase kernels come
 #   from the per-sample 3x3 kernels through one matrix product ([36, 16] @ [16, C] per output channel, the 9 taps
 #   padded with zeros). From 128 px up, at batch > 1, the phases run as two convolutions, one per output row parity
-#   (`upsample_plan`). Up to 64 px, where the per-sample weights outweigh the activations, the layer runs as the
-#   transposed convolution itself, in phase form (four 2x2 kernels of the 3x3 taps, 16 taps per output channel
-#   instead of 36, no matrix product), and the epilogue applies the blur to its four phases.
+#   (`upsample_plan`). Up to 64 px, where the per-sample weights outweigh the activations, and at every size for one
+#   image on the Triton kernels, the layer runs as the transposed convolution itself, in phase form (four 2x2
+#   kernels of the 3x3 taps, 16 taps per output channel instead of 36, no matrix product), and the epilogue applies
+#   the blur to its four phases (`transposed_up_to`).
 # - toRGB (1x1, 3 outputs) is one matrix product of the packed activations [H*W, B*C] with a block-diagonal
 #   [B*C, B*3] weight: 4.6x faster than a batched product at batch 8 and 1024 px, where it reads 1 GB.
 # - The elementwise steps (noise, bias, leaky ReLU, interleaving; building per-sample weights; toRGB's bias and
@@ -194,7 +196,7 @@ class Blur(nn.Module):
         # at half the speed (H200, batch 8, 512 -> 512: 0.234 ms, padded 0.114)
         matrix = torch.einsum("pdr,qes->pqders", a, a).reshape(36, 9)
         self.register_buffer("phase_matrix", F.pad(matrix, (0, PADDED_TAPS - 9)), persistent=False)
-        self.phase_terms = blur_phase_terms(separable_taps(self.kernel).tolist())
+        self.taps = tuple(separable_taps(self.kernel).tolist())
 
     def phase_rows(self, row_parities: tuple) -> torch.Tensor:
         """The rows of `phase_matrix` for output rows of these parities (both: all of it, a view either way)."""
@@ -612,7 +614,7 @@ def _transposed_tap_index(device: torch.device) -> torch.Tensor:
 def blurred_phases(t: torch.Tensor, terms: tuple) -> torch.Tensor:
     """The blur of a transposed convolution's output t, given in phase form [B, 2, 2, O, H + 1, W + 1] (row parity,
     column parity, o, row, column), as [B, O, H, 2, W, 2] (row, row parity, column, column parity).
-    terms: `Blur.phase_terms`, along rows and columns alike."""
+    terms: `blur_phase_terms` of the blur's taps, along rows and columns alike."""
     height, width = t.shape[4] - 1, t.shape[5] - 1
     t = F.pad(t, (1, 0, 1, 0))  # index n + 1 is t's row (column) n of that parity; the blur reads n - 1 .. n + 1
     rows = []
@@ -628,14 +630,36 @@ def _blurred_activation_into(out, t, terms, noise, noise_weight, bias):
     out.copy_(_noise_and_activation(blurred_phases(t, terms), noise, noise_weight, bias))
 
 
-def transposed_form_pays(x: torch.Tensor) -> bool:
-    """Whether small upsampling layers may run as the transposed form: only where torch.compile fuses its blur
-    epilogue, and not in strict fp32. Eagerly the epilogue is ~100 small kernels a layer (H100, eager, invert(5) +
-    decode in one process: tf32 batch 8 40.9 -> 33.0 ms/image, batch 1 63.9 -> 51.8; bf16 28.9 -> 22.3 and
-    49.9 -> 37.6 without it). With TF32 off, cuDNN picks an algorithm with a 65 GiB workspace for its 2x2
-    convolution at 64 px (batch 1, 15 ms a call)."""
+def blurred_into(out: torch.Tensor, t: torch.Tensor, taps: tuple, noise: Optional[torch.Tensor] = None,
+                 noise_weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
+    """out [B, O, H, 2, W, 2] <- the blur of the transposed convolution t (`blurred_phases`), then noise, bias and
+    activation unless noise is None: one Triton kernel, else torch.compile's fusion or eager PyTorch."""
+    if triton_runs(t) and kernels.blurred_activation(t, taps, noise, noise_weight, bias, out) is not None:
+        return
+    terms = blur_phase_terms(taps)
+    if noise is None:
+        out.copy_(blurred_phases(t, terms))
+    else:
+        _blurred_activation_into(out, t, terms, noise, noise_weight, bias)
+
+
+def transposed_up_to(x: torch.Tensor) -> int:
+    """The largest input size at which x's upsampling layers run as the transposed form (0: none). Only where its
+    blur epilogue is one fused step (the Triton kernel, or torch.compile's), and not in strict fp32: eagerly the
+    epilogue is ~100 small kernels a layer (H100, eager, invert(5) + decode in one process: tf32 batch 8
+    40.9 -> 33.0 ms/image, batch 1 63.9 -> 51.8; bf16 28.9 -> 22.3 and 49.9 -> 37.6 without it), and with TF32 off
+    cuDNN picks an algorithm with a 65 GiB workspace for its 2x2 convolution at 64 px (batch 1, 15 ms a call).
+
+    On the Triton kernels, one generator pass (1024 px, offsets on, graphed; H100, ms/image) against the phases at
+    every size: at batch 1 the transposed form pays at every size (bf16 1.465 -> 1.374 up to 64 px -> 1.256 at all
+    sizes; tf32 2.440 -> 2.233 -> 2.041); at batch 8 up to 64 px (bf16 1.127 -> 1.065, all sizes 1.276; tf32
+    2.197 -> 1.909, 128 px 1.894, all sizes 2.100)."""
     strict_fp32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    return on_gpu(x) and _blurred_activation_into.compiles() and not strict_fp32
+    if not on_gpu(x) or strict_fp32:
+        return 0
+    if triton_runs(x):
+        return TRANSPOSED_UP_TO_ONE_IMAGE if x.shape[0] == 1 else TRANSPOSED_UP_TO
+    return TRANSPOSED_UP_TO if _blurred_activation_into.compiles() else 0
 
 
 @dataclass
@@ -646,17 +670,15 @@ class Upsampled:
 
     parts: list
     transposed: bool = False
-    terms: tuple = ()
+    taps: tuple = ()  # the blur's 1-D taps, for the transposed form
 
     def into(self, out: torch.Tensor, noise: Optional[torch.Tensor] = None, noise_weight=None, bias=None):
         """Writes the layer's output into packed `out` [B, O, 2H, 2W]: the convolution alone, or with noise, bias
         and activation (StyledConv)."""
         if self.transposed:
             (t,) = self.parts
-            if noise is None:
-                phase_view(out).copy_(blurred_phases(t, self.terms))
-            else:
-                _blurred_activation_into(phase_view(out), t, self.terms, phase_view(noise), noise_weight, bias)
+            blurred_into(phase_view(out), t, self.taps, None if noise is None else phase_view(noise), noise_weight,
+                         bias)
             return out
         start = 0
         for part in self.parts:
@@ -725,7 +747,7 @@ class ModulatedConv2d(nn.Module):
     def extra_repr(self):
         return f"{self.in_channel}, {self.out_channel}, k={self.kernel_size}, upsample={self.upsample}"
 
-    def upsample_plan(self, batch: int, height: int, transposed_pays: bool = True) -> tuple:
+    def upsample_plan(self, batch: int, height: int, transposed_up_to: int = TRANSPOSED_UP_TO) -> tuple:
         """How an upsampling layer runs at this input size: "transposed", or the output row parities of each
         blur-folded phase convolution.
 
@@ -734,9 +756,9 @@ class ModulatedConv2d(nn.Module):
         weights and epilogue, batch 8: 8 -> 16 px 312 -> 227 us in bf16, 513 -> 390 in tf32). Above, the blur-folded
         phases, whose epilogue only interleaves: all four phases in one convolution, or one convolution per row
         parity where cuDNN's grouped kernels with 4x as many outputs as inputs are slow (batch 8, 256 px input:
-        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster). `transposed_pays`: see
-        `transposed_form_pays`."""
-        if transposed_pays and height <= TRANSPOSED_UP_TO:
+        1.42 ms as one convolution, 0.52 ms as two; at batch 1 one is faster). `transposed_up_to`: the function of
+        that name."""
+        if height <= transposed_up_to:
             return "transposed"
         if batch > 1 and height >= SPLIT_ROW_PARITIES_FROM:
             return (0,), (1,)
@@ -765,13 +787,13 @@ class ModulatedConv2d(nn.Module):
             weight = modulated_weight(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, self.padding)
             return out.as_strided((batch, o, h, wd), (o, 1, wd * batch * o, batch * o))
-        plan = self.upsample_plan(batch, h, transposed_form_pays(x))
+        plan = self.upsample_plan(batch, h, transposed_up_to(x))
         if plan == "transposed":
             weight = transposed_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
             out = per_sample_conv(x, weight, padding=1)  # [1, B*4*O, H+1, W+1], memory (H+1, W+1, B, 2, 2, O)
             m = 4 * o
             t = out.as_strided((batch, 2, 2, o, h + 1, wd + 1), (m, 2 * o, o, 1, (wd + 1) * batch * m, batch * m))
-            return Upsampled([t], transposed=True, terms=self.blur.phase_terms)
+            return Upsampled([t], transposed=True, taps=self.blur.taps)
         weight = padded_taps(self.weight, self.scale, style, delta, self.demodulate, x.dtype)
         parts = []
         for parities in plan:

@@ -27,6 +27,7 @@ _TAP_TABLES: dict = {}
 ACTIVATION_TILE_ELEMENTS = 2048  # pixels x channels per program
 ACTIVATION_BLOCK_C = (128, 64, 32)  # channel blocks, widest first (`activation_tile`)
 WEIGHT_BLOCK_C = 64
+BLUR_TILE_ELEMENTS = 1024  # pixels x channels per program of the blurred activation (four outputs each)
 BLOCK_DIAGONAL_TILE = (32, 32)
 RGB_BLOCK_W = 128
 EPILOGUE_TILE = (64, 64)  # pixels x channels
@@ -130,6 +131,44 @@ def activation_tile(n_ch: int) -> tuple:
     all (three widths, masked or not), not one per layer."""
     block_c = next((c for c in ACTIVATION_BLOCK_C if n_ch % c == 0), ACTIVATION_BLOCK_C[-1])
     return ACTIVATION_TILE_ELEMENTS // block_c, block_c
+
+
+def blurred_activation(t: torch.Tensor, taps: tuple, noise: Optional[torch.Tensor],
+                       noise_weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       out: torch.Tensor) -> Optional[torch.Tensor]:
+    """out = the blur (four taps) of a transposed convolution in phase form t [B, 2, 2, O, H + 1, W + 1], then
+    noise + bias + activation unless noise is None (`generator.blurred_phases` and `styled_activation`). out:
+    [B, O, H, 2, W, 2] (`generator.phase_view` of the packed output), noise [1|B, 1, H, 2, W, 2]; any strides."""
+    if len(taps) != 4 or t.ndim != 6 or out.ndim != 6:
+        return None
+    batch, _, _, n_out, h1, w1 = t.shape
+    height, width = h1 - 1, w1 - 1
+    if out.shape != (batch, n_out, height, 2, width, 2) or t.shape[1:3] != (2, 2):
+        return None
+    activate = noise is not None
+    if activate and (noise.shape[0] not in (1, batch) or noise.shape[1:] != (1, height, 2, width, 2)):
+        return None
+    if any(_extent(x) > 2 ** 31 for x in (t, out) + ((noise,) if activate else ())):
+        return None
+    if batch * n_out * height * width == 0:
+        return out
+    block_c = next((c for c in ACTIVATION_BLOCK_C if n_out % c == 0), ACTIVATION_BLOCK_C[-1])
+    block_p = BLUR_TILE_ELEMENTS // block_c
+    grid = (_cdiv(height * width, block_p), batch * _cdiv(n_out, block_c))
+    noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3), noise.stride(4), noise.stride(5)) \
+        if activate else (0,) * 5
+    ok = _launch("blurred_activation_kernel", grid, t, out, noise if activate else t,
+                 noise_weight if activate else t, bias if activate else t, height * width, n_out, width,
+                 *t.stride(), *out.stride(), *noise_strides,
+                 *(float(a) for a in taps), ACTIVATE=activate,
+                 NOISE_PER_SAMPLE=activate and noise.shape[0] > 1, BLOCK_P=block_p, BLOCK_C=block_c,
+                 EVEN_C=n_out % block_c == 0)
+    return out if ok else None
+
+
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset of t."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
 
 
 def _tap_table(kind: str, k: int, device: torch.device) -> torch.Tensor:
@@ -244,8 +283,7 @@ def channel_epilogue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
         return None
     n, c, h, w = x.shape
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or sum((size - 1) * stride for size, stride in zip(residual.shape, residual.stride()))
-                                 >= 2 ** 31):
+                                 or _extent(residual) > 2 ** 31):
         return None
     if gate is not None and (gate.shape != (n, c) or not gate.is_contiguous()):
         return None

@@ -57,6 +57,97 @@ def styled_activation_kernel(y_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_p
     tl.store(out_ptr + out_pix[:, None] + ch[None, :] * osc, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tap(k: tl.constexpr, a0, a1, a2, a3):
+    """a_k of the blur's four taps (k a compile-time index)."""
+    if k == 0:
+        return a0
+    if k == 1:
+        return a1
+    if k == 2:
+        return a2
+    return a3
+
+
+@triton.jit(do_not_specialize=["n_pix", "n_out", "width", "a0", "a1", "a2", "a3"])
+def blurred_activation_kernel(t_ptr, out_ptr, noise_ptr, noise_weight_ptr, bias_ptr, n_pix, n_out, width,
+                              tsb, tsr, tsc, tso, tsy, tsx, osb, oso, osy, osp, osx, osq, nsb, nsy, nsp, nsx, nsq,
+                              a0, a1, a2, a3, ACTIVATE: tl.constexpr, NOISE_PER_SAMPLE: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """An upsampling layer's transposed convolution, blurred, then (if ACTIVATE) noise + bias + activation.
+
+    t: the transposed convolution in phase form [B, 2, 2, O, H + 1, W + 1] (row parity, column parity); out: the
+    layer's output as [B, O, H, 2, W, 2] (row, row parity, column, column parity); noise the same with one channel.
+    Along each axis the blur (four taps a0..a3) reads the interleaved signal t[2n - 1 .. 2n + 2] for output 2n and
+    t[2n .. 2n + 3] for 2n + 1, i.e. (parity, index) (1, n - 1), (0, n), (1, n), (0, n + 1), (1, n + 1): five
+    positions per axis (`generator.blur_phase_terms`), index -1 being a zero. Separable: each of the five rows is
+    blurred along the columns, then the rows are combined. One sample per program (axis 1: sample and channel block),
+    so that the channels, innermost in every layout here, are read and written in whole runs."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    blocks = tl.cdiv(n_out, BLOCK_C)
+    b = tl.program_id(1) // blocks
+    o = (tl.program_id(1) % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = p // width
+    m = p % width
+    pix_ok = p < n_pix
+    if EVEN_C:
+        mask = pix_ok[:, None]
+    else:
+        mask = pix_ok[:, None] & (o < n_out)[None, :]
+    base = t_ptr + b * tsb + o[None, :] * tso
+    acc00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(5):
+        row = n + ((i + 1) // 2 - 1)
+        row_mask = mask
+        if i == 0:
+            row_mask = mask & (row >= 0)[:, None]
+        h0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        h1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for j in tl.static_range(5):
+            col = m + ((j + 1) // 2 - 1)
+            ok = row_mask
+            if j == 0:
+                ok = row_mask & (col >= 0)[:, None]
+            at = ((i + 1) % 2) * tsr + ((j + 1) % 2) * tsc + row * tsy + col * tsx
+            v = tl.load(base + at[:, None], mask=ok, other=0.0).to(tl.float32)
+            if j < 4:
+                h0 += _tap(j, a0, a1, a2, a3) * v
+            if j > 0:
+                h1 += _tap(j - 1, a0, a1, a2, a3) * v
+        if i < 4:
+            acc00 += _tap(i, a0, a1, a2, a3) * h0
+            acc01 += _tap(i, a0, a1, a2, a3) * h1
+        if i > 0:
+            acc10 += _tap(i - 1, a0, a1, a2, a3) * h0
+            acc11 += _tap(i - 1, a0, a1, a2, a3) * h1
+    out_base = out_ptr + b * osb + o[None, :] * oso + (n * osy + m * osx)[:, None]
+    noise_base = noise_ptr + n * nsy + m * nsx
+    if NOISE_PER_SAMPLE:
+        noise_base += b * nsb
+    noise_weight = tl.load(noise_weight_ptr).to(tl.float32)  # (without ACTIVATE: any valid pointers, unused)
+    if EVEN_C:
+        bias = tl.load(bias_ptr + o).to(tl.float32)[None, :]
+    else:
+        bias = tl.load(bias_ptr + o, mask=o < n_out, other=0.0).to(tl.float32)[None, :]
+    for phase in tl.static_range(4):  # (row parity, column parity) = divmod(phase, 2)
+        v = acc00
+        if phase == 1:
+            v = acc01
+        if phase == 2:
+            v = acc10
+        if phase == 3:
+            v = acc11
+        at = (phase // 2) * osp + (phase % 2) * osq
+        if ACTIVATE:
+            noise = tl.load(noise_base + (phase // 2) * nsp + (phase % 2) * nsq, mask=pix_ok, other=0.0)
+            v = v + noise_weight * noise.to(tl.float32)[:, None] + bias
+            v = tl.where(v > 0, v, v * 0.2) * SQRT2
+        tl.store(out_base + at, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["scale", "n_out", "n_in", "n_taps", "n_phases"])
 def modulated_weight_kernel(w_ptr, style_ptr, delta_ptr, tap_ptr, out_ptr, scale, n_out, n_in, n_taps, n_phases,
                             wso, wsc, wsy, wsx, ssb, ssc, dsb, dso, dsc, dsy, dsx, osb, osj, ost, osc,
