@@ -651,9 +651,9 @@ def transposed_up_to(x: torch.Tensor) -> int:
     cuDNN picks an algorithm with a 65 GiB workspace for its 2x2 convolution at 64 px (batch 1, 15 ms a call).
 
     On the Triton kernels, one generator pass (1024 px, offsets on, graphed; H100, ms/image) against the phases at
-    every size: at batch 1 the transposed form pays at every size (bf16 1.465 -> 1.374 up to 64 px -> 1.256 at all
-    sizes; tf32 2.440 -> 2.233 -> 2.041); at batch 8 up to 64 px (bf16 1.127 -> 1.065, all sizes 1.276; tf32
-    2.197 -> 1.909, 128 px 1.894, all sizes 2.100)."""
+    every size: at batch 1 the transposed form pays at every size (bf16 1.466 -> 1.375 up to 64 px -> 1.256 at all
+    sizes; tf32 2.440 -> 2.234 -> 2.042); at batch 8 up to 64 px (bf16 1.127 -> 1.066, all sizes 1.277; tf32
+    2.197 -> 1.909, 128 px 1.894, all sizes 2.100). README, "Speed and memory", has the whole A/B."""
     strict_fp32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     if not on_gpu(x) or strict_fp32:
         return 0
