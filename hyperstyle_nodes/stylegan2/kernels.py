@@ -152,7 +152,7 @@ def blurred_activation(t: torch.Tensor, taps: tuple, noise: Optional[torch.Tenso
         return None
     if batch * n_out * height * width == 0:
         return out
-    block_c = next((c for c in ACTIVATION_BLOCK_C if n_out % c == 0), ACTIVATION_BLOCK_C[-1])
+    _, block_c = activation_tile(n_out)  # the same unmasked channel widths as the styled activation
     block_p = BLUR_TILE_ELEMENTS // block_c
     grid = (_cdiv(height * width, block_p), batch * _cdiv(n_out, block_c))
     noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3), noise.stride(4), noise.stride(5)) \
