@@ -223,11 +223,11 @@ def modulated_weights(weight: torch.Tensor, scale: float, style: torch.Tensor, d
         osb, osj, ost, osc = out.stride()
     if b * n_phases * n_out == 0:
         return out
-    ok = _launch("modulated_weight_kernel", (b * n_phases * n_out,), weight, style, weight if delta is None else delta,
+    ok = _launch("modulated_weight_kernel", (b * n_out,), weight, style, weight if delta is None else delta,
                  table, out, float(scale), n_out, n_in, n_taps, n_phases,
                  weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                  style.stride(0), style.stride(1), *ds, osb, osj, ost, osc,
-                 K=k, KK_BLOCK=_next_pow2(k * k), T_BLOCK=_next_pow2(n_taps), BLOCK_C=WEIGHT_BLOCK_C,
+                 K=k, KK_BLOCK=_next_pow2(k * k), T_BLOCK=_next_pow2(n_phases * n_taps), BLOCK_C=WEIGHT_BLOCK_C,
                  HAS_DELTA=delta is not None, DEMODULATE=bool(demodulate))
     return out if ok else None
 
