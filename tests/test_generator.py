@@ -316,3 +316,42 @@ def test_one_multiply_weights_equal_the_plain_formula(dtype):
                 assert torch.allclose(fast.float(), plain.float(), rtol=tol, atol=tol), builder.__name__
     full = 0.3 * torch.randn(2, 6, 5, 3, 3)  # offsets that differ between taps: the plain formula
     assert stylegan2._factors(weight, 0.3, style, full, True) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the second stream exists only there)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_weights_built_ahead_on_a_second_stream_change_nothing(batch, monkeypatch):
+    """`WeightsAhead` (the per-sample weights built on a second stream while the layers run) gives the images of
+    building them inline, eagerly and replayed from a CUDA graph with new codes (a missing wait would read weights
+    not yet written: the previous codes' or none). Strict fp32; not bit for bit, since cuDNN may pick another plan
+    for differently aligned weight memory."""
+    from hyperstyle_nodes.tiny import randomize_
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    gen = randomize_(Generator(tiny_generator_config(256)), torch.Generator().manual_seed(1)).eval().cuda()
+    codes = torch.randn(batch, gen.n_styles, gen.style_dim, device="cuda")
+    new_codes = codes + 0.5 * torch.randn_like(codes)
+    deltas = [0.1 * torch.randn(batch, o, i, 3, 3, device="cuda") if k == 3 and layer % 2 else None
+              for layer, (k, i, o) in enumerate(gen.config.layer_shapes)]
+    with torch.no_grad():
+        monkeypatch.setattr(stylegan2, "WEIGHTS_AHEAD_MAX_BATCH", 0)
+        expected = gen(codes, deltas), gen(new_codes, deltas)
+        monkeypatch.setattr(stylegan2, "WEIGHTS_AHEAD_MAX_BATCH", batch)
+        eager = gen(codes, deltas)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gen(codes, deltas)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        static_codes = codes.clone()
+        with torch.cuda.graph(graph):
+            replayed = gen(static_codes, deltas)
+        static_codes.copy_(new_codes)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert (expected[1] - expected[0]).abs().max() > 0.1  # the new codes change the image a lot
+    torch.testing.assert_close(eager, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(replayed, expected[1], rtol=1e-5, atol=1e-5)
