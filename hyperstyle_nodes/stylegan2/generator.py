@@ -796,7 +796,7 @@ class ModulatedConv2d(nn.Module):
         if delta is not None and delta.shape[0] not in (1, batch):
             raise ValueError(f"weight offsets have batch {delta.shape[0]} but the activations have batch {batch}; "
                              f"pass offsets with batch {batch} or 1")
-        up_to = transposed_up_to(x)
+        up_to = transposed_up_to(x) if self.upsample else 0  # only upsampling layers have forms to choose
         if weights is None:
             weights = self.per_sample_weights(batch, h, style, delta, x.dtype, up_to)
         if self.kernel_size == 1:
