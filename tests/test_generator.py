@@ -355,3 +355,24 @@ def test_weights_built_ahead_on_a_second_stream_change_nothing(batch, monkeypatc
     assert (expected[1] - expected[0]).abs().max() > 0.1  # the new codes change the image a lot
     torch.testing.assert_close(eager, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(replayed, expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_sizes_are_what_each_layer_sees(monkeypatch):
+    """`Generator.layer_input_size` (where `WeightsAhead` plans each layer's weights) and `GeneratorConfig.layer_sizes`
+    (which layers training tunes) against the input and output sizes each layer's convolution meets in a pass."""
+    gen = Generator(tiny_generator_config(64)).eval()
+    index = {id(conv): layer for layer, conv in enumerate(gen.layer_convs())}
+    seen = {}
+    convolve = ModulatedConv2d.convolve
+
+    def recording(self, x, *args, **kwargs):
+        seen[index[id(self)]] = x.shape[2]
+        return convolve(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(ModulatedConv2d, "convolve", recording)
+    with torch.no_grad():
+        gen(torch.randn(1, gen.n_styles, gen.style_dim))
+    assert sorted(seen) == list(range(gen.n_layers))
+    assert [gen.layer_input_size(layer) for layer in range(gen.n_layers)] == [seen[layer] for layer in sorted(seen)]
+    outputs = [2 * seen[layer] if gen.layer_convs()[layer].upsample else seen[layer] for layer in sorted(seen)]
+    assert gen.config.layer_sizes == outputs

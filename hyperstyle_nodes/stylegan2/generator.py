@@ -80,6 +80,12 @@ class GeneratorConfig:
         return shapes
 
     @property
+    def layer_sizes(self) -> list:
+        """Output resolution of every generator layer, in HyperStyle's numbering (conv1 and toRGB1 at 4 px, then
+        three layers per resolution from 8 px up)."""
+        return [4, 4] + [4 << (1 + (layer - 2) // 3) for layer in range(2, len(self.layer_shapes))]
+
+    @property
     def to_rgb_layers(self) -> list:
         return [i for i, (k, _, out) in enumerate(self.layer_shapes) if k == 1 and out == 3]
 
@@ -997,6 +1003,7 @@ class Generator(nn.Module):
         self.size = config.size
         self.style_dim = config.style_dim
         self.n_styles = config.n_styles
+        self._layer_sizes = config.layer_sizes  # read per layer on every pass (`layer_input_size`)
         c = config.channels
 
         self.style = nn.Sequential(PixelNorm(), *[
@@ -1026,7 +1033,8 @@ class Generator(nn.Module):
     def layer_input_size(self, layer: int) -> int:
         """The input resolution of a generator layer (HyperStyle's numbering: conv1, toRGB1, then per resolution
         the upsampling conv, the conv and toRGB)."""
-        return 4 if layer < 2 else 4 << ((layer - 2) // 3 + (0 if (layer - 2) % 3 == 0 else 1))
+        upsamples = layer >= 2 and (layer - 2) % 3 == 0  # the first layer of each resolution from 8 px
+        return self._layer_sizes[layer] // 2 if upsamples else self._layer_sizes[layer]
 
     def layer_convs(self) -> list:
         """The ModulatedConv2d of every generator layer, in HyperStyle's numbering."""

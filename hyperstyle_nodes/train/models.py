@@ -102,9 +102,7 @@ def default_layers_to_tune(config: GeneratorConfig) -> str:
     """Non-toRGB layers at 16 px and above: '5,6,8,9,11,12,14,15,17,18,20,21,23,24' for 1024 px (the released
     HyperStyle's layers_to_tune), '5,6,...,17,18' for 256 px, and so on."""
     to_rgb = set(config.to_rgb_layers)
-    resolution = [4, 4] + [4 << (1 + (i - 2) // 3) for i in range(2, len(config.layer_shapes))]
-    layers = [i for i in range(len(config.layer_shapes))
-              if i not in to_rgb and resolution[i] >= MIN_TUNABLE_RESOLUTION]
+    layers = [i for i, size in enumerate(config.layer_sizes) if i not in to_rgb and size >= MIN_TUNABLE_RESOLUTION]
     if not layers:
         raise SetupError(f"a {config.size}-px generator has no layers at {MIN_TUNABLE_RESOLUTION} px or above; "
                               "pass --layers-to-tune explicitly")
